@@ -1,0 +1,1 @@
+"""Data: the binary split format, Criteo TSV preparation, the synthetic generator, batches."""

@@ -1,0 +1,117 @@
+"""DLRM, exactly as the Criteo Kaggle reference (facebookresearch/dlrm; PAPERS.md §4).
+
+                         logit (sigmoid -> click probability)
+                                    ^
+                    top MLP 367-512-256-1 (ReLU, last layer linear)
+                                    ^
+                  [ x | dot(z_i, z_j) for all i > j ]   16 + 27*26/2 = 367
+                                    ^
+          z_0 = x = bottom MLP 13-512-256-64-16 (ReLU)   z_1..z_26 = embeddings (dim 16)
+                     ^                                              ^
+              13 dense features                       26 categorical ids (one per table)
+
+Interaction: Z = [x; e_1; ...; e_26] (27 x 16), keep the strictly lower triangle of
+Z Z^T. Initialisation as the reference: Linear(n -> m) weights ~ N(0, sqrt(2/(m+n))),
+biases ~ N(0, sqrt(1/m)); tables ~ U(-sqrt(1/rows), sqrt(1/rows)) (in the backend).
+The loss is BCE on the sigmoid output; we compute it from the logit
+(BCEWithLogits), which is the same function, numerically safer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mpc.criteo import BOTTOM_MLP, NUM_DENSE, TOP_MLP
+from mpc.embedding import EmbeddingConfig, build_embedding, jagged_from_dense
+from mpc.embedding.base import EmbeddingBackend
+
+
+@dataclass(frozen=True)
+class DLRMConfig:
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    bottom_mlp: tuple[int, ...] = BOTTOM_MLP
+    top_mlp: tuple[int, ...] = TOP_MLP
+    seed: int = 0  # MLP initialisation
+
+    def __post_init__(self):
+        if isinstance(self.embedding, dict):
+            object.__setattr__(self, "embedding", EmbeddingConfig(**self.embedding))
+        object.__setattr__(self, "bottom_mlp", tuple(self.bottom_mlp))
+        object.__setattr__(self, "top_mlp", tuple(self.top_mlp))
+        if self.bottom_mlp[0] != NUM_DENSE:
+            raise ValueError(f"bottom MLP must start at {NUM_DENSE} dense features")
+        if self.bottom_mlp[-1] != self.embedding.dim:
+            raise ValueError(f"bottom MLP must end at the embedding dim {self.embedding.dim}")
+        n = self.embedding.num_tables + 1
+        want = self.embedding.dim + n * (n - 1) // 2
+        if self.top_mlp[0] != want or self.top_mlp[-1] != 1:
+            raise ValueError(f"top MLP must go from {want} to 1, got {self.top_mlp}")
+
+    @classmethod
+    def for_embedding(cls, embedding: EmbeddingConfig, **kw) -> "DLRMConfig":
+        """Reference MLP widths, with the MLP ends adapted to the embedding's shape."""
+        n = embedding.num_tables + 1
+        bottom = BOTTOM_MLP[:-1] + (embedding.dim,)
+        top = (embedding.dim + n * (n - 1) // 2,) + TOP_MLP[1:]
+        return cls(embedding=embedding, bottom_mlp=kw.pop("bottom_mlp", bottom),
+                   top_mlp=kw.pop("top_mlp", top), **kw)
+
+    def to_json(self) -> dict:
+        return {"embedding": self.embedding.to_json(), "bottom_mlp": list(self.bottom_mlp),
+                "top_mlp": list(self.top_mlp), "seed": self.seed}
+
+
+def mlp(sizes: tuple[int, ...], generator: torch.Generator, last_relu: bool) -> nn.Sequential:
+    layers = []
+    for i, (n, m) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(n, m)
+        with torch.no_grad():
+            lin.weight.normal_(0.0, math.sqrt(2.0 / (m + n)), generator=generator)
+            lin.bias.normal_(0.0, math.sqrt(1.0 / m), generator=generator)
+        layers.append(lin)
+        if i < len(sizes) - 2 or last_relu:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def dot_interaction(x: torch.Tensor, emb: torch.Tensor, li: torch.Tensor, lj: torch.Tensor) -> torch.Tensor:
+    """[x | strictly-lower-triangular entries of Z Z^T], Z = [x; emb]."""
+    z = torch.cat([x.unsqueeze(1), emb], dim=1)          # (B, T+1, D)
+    zz = torch.bmm(z, z.transpose(1, 2))                 # (B, T+1, T+1)
+    return torch.cat([x, zz[:, li, lj]], dim=1)          # (B, D + (T+1)T/2)
+
+
+class DLRM(nn.Module):
+    def __init__(self, config: DLRMConfig, embedding: EmbeddingBackend | None = None):
+        super().__init__()
+        self.config = config
+        g = torch.Generator().manual_seed(config.seed)
+        self.bottom = mlp(config.bottom_mlp, g, last_relu=True)
+        self.top = mlp(config.top_mlp, g, last_relu=False)
+        self.embedding = embedding if embedding is not None else build_embedding(config.embedding)
+        n = config.embedding.num_tables + 1
+        li, lj = torch.tril_indices(n, n, offset=-1)
+        self.register_buffer("li", li, persistent=False)
+        self.register_buffer("lj", lj, persistent=False)
+
+    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) from dense (B, 13) and jagged table-major ids (see embedding.base)."""
+        x = self.bottom(dense)                           # (B, D)
+        emb = self.embedding(indices, offsets)           # (B, T, D)
+        return self.top(dot_interaction(x, emb, self.li, self.lj)).squeeze(1)
+
+    def forward_onehot(self, dense: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+        """Logits from dense (B, 13) and one id per table per sample, cat (B, T)."""
+        indices, offsets = jagged_from_dense(cat)
+        return self(dense, indices, offsets)
+
+    def dense_parameters(self):
+        """MLP parameters (the embedding backend updates itself, fused)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("embedding.")]
+
+    def mlp_bytes(self) -> int:
+        return sum(p.nbytes for p in self.dense_parameters())
