@@ -9,6 +9,8 @@
   instead (the tests do, where a compiler exists, so a broken kernel cannot hide).
 
 Layout of kernels/:
+    *.h          shared inline code (row formats, the rounding hash), included by both
+                 the .cpp and .cu files (kernels/ is on the include path).
     *.cpp        CPU kernels and their Python bindings (always built). A line
                  `// export: name1 name2` declares the functions to bind.
     *.cu         CUDA kernels with plain C launchers (no torch headers: CI checks them
@@ -66,6 +68,7 @@ def sources() -> dict[str, list[Path]]:
         "cpp": [f for f in files if not f.name.endswith("_cuda.cpp")],
         "cuda_cpp": [f for f in files if f.name.endswith("_cuda.cpp")],
         "cu": sorted(KERNEL_DIR.glob("*.cu")),
+        "h": sorted(KERNEL_DIR.glob("*.h")),
     }
 
 
@@ -81,7 +84,8 @@ def _build():
     cu = [f.read_text() for f in src["cu"]] if use_cuda else []
     functions = [n for text in cpp for n in _exports(text)]
     h = hashlib.sha256()
-    for text in cpp + cu + [" ".join(CFLAGS + CUDA_FLAGS), torch.__version__, _cpu_model()]:
+    headers = [f.read_text() for f in src["h"]]
+    for text in cpp + cu + headers + [" ".join(CFLAGS + CUDA_FLAGS), torch.__version__, _cpu_model()]:
         h.update(text.encode())
     name = f"mpc_kernels_{h.hexdigest()[:16]}"
     build_dir = build_root() / name
@@ -96,6 +100,7 @@ def _build():
         extra_ldflags=LDFLAGS,
         extra_cuda_cflags=CUDA_FLAGS if cu else None,
         build_directory=str(build_dir),
+        extra_include_paths=[str(KERNEL_DIR)],
         with_cuda=use_cuda,
         verbose=False,
     )
