@@ -12,12 +12,14 @@ class UserError(Exception):
 class DataError(UserError):
     """Bad data: the message names the file, line, field and value where known."""
 
-    def __init__(self, message: str, *, path=None, line=None, field=None, value=None):
+    def __init__(self, message: str, *, path=None, line=None, row=None, field=None, value=None):
         parts = []
         if path is not None:
             parts.append(str(path))
         if line is not None:
             parts.append(f"line {line}")
+        if row is not None:
+            parts.append(f"row {row}")
         if field is not None:
             parts.append(f"field {field}")
         where = ", ".join(parts)
@@ -25,4 +27,4 @@ class DataError(UserError):
         if value is not None:
             text += f" (value {value!r})"
         super().__init__(text)
-        self.path, self.line, self.field, self.value = path, line, field, value
+        self.path, self.line, self.row, self.field, self.value = path, line, row, field, value

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -106,6 +107,13 @@ def _build():
     )
 
 
+def _put_venv_bin_on_path() -> None:
+    """`pip install ninja` puts ninja beside the interpreter; find it there too."""
+    bindir = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (bindir / "ninja").exists():
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def required() -> bool:
     return os.environ.get("MPC_REQUIRE_KERNELS", "") not in ("", "0")
 
@@ -118,6 +126,7 @@ def load():
             return _module
         if _error is None:
             try:
+                _put_venv_bin_on_path()
                 if shutil.which("ninja") is None:
                     raise RuntimeError("ninja is not on PATH (pip install ninja; put the venv's bin on PATH)")
                 _module = _build()

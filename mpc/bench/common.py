@@ -1,0 +1,83 @@
+"""What the benchmarks share: Zipf-distributed batches, timing, table printing."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mpc.criteo import NUM_DENSE
+
+
+def zipf_ids(rng: np.random.Generator, rows: int, size: int, exponent: float = 1.05) -> np.ndarray:
+    """`size` ids in [0, rows) with Zipf(exponent)-like popularity; hot ids scattered.
+
+    Ranks come from the inverse CDF of the continuous power law on [1, rows + 1); ranks
+    are mapped to ids by a fixed affine bijection mod rows, so the hottest ids are not
+    simply 0, 1, 2, ...
+    """
+    u = rng.random(size)
+    if abs(exponent - 1.0) < 1e-9:
+        ranks = np.exp(u * math.log(rows + 1.0))
+    else:
+        a = 1.0 - exponent
+        ranks = (1.0 + u * ((rows + 1.0) ** a - 1.0)) ** (1.0 / a)
+    ranks = np.minimum(ranks.astype(np.int64) - 1, rows - 1)
+    mult = 2654435761 % rows or 1
+    while math.gcd(mult, rows) != 1:
+        mult += 1
+    return (ranks * mult + 12345) % rows
+
+
+def random_batch(rng: np.random.Generator, cardinalities, batch_size: int, exponent: float = 1.05):
+    """(dense, cat, label) tensors of one batch: heavy-tailed dense, Zipf ids, 25% clicks."""
+    dense = np.log1p(rng.lognormal(1.0, 1.5, (batch_size, NUM_DENSE))).astype(np.float32)
+    cat = np.stack([zipf_ids(rng, n, batch_size, exponent) for n in cardinalities], axis=1)
+    label = (rng.random(batch_size) < 0.256).astype(np.float32)
+    return torch.from_numpy(dense), torch.from_numpy(cat), torch.from_numpy(label)
+
+
+def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, inner: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, `rounds` times, interleaved so drift hits all alike."""
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            out[name].append((time.perf_counter() - t0) / inner)
+    return out
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def memory_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Copy bandwidth of this machine: bytes read + written per second, GB/s (1e9)."""
+    src = torch.ones(n_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * n_bytes / min(times) / 1e9
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    return "" if v is None else str(v)
