@@ -83,7 +83,15 @@ def fraction(text: str) -> float:
     return value
 
 
+def _sigterm_as_interrupt(signum, frame):
+    # Turn `kill` into KeyboardInterrupt so that atomic writers remove their temp files.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
