@@ -16,23 +16,31 @@ import sys
 
 from mpc.errors import UserError
 
-# Modules that contribute commands, in the order `--help` lists them.
-COMMAND_MODULES = (
-    "mpc.main",            # main: the README's main job
-    "mpc.data.synth",      # synth
-    "mpc.data.prepare",    # prepare-criteo
-    "mpc.train",           # train
-    "mpc.memory",          # memory
-    "mpc.bench",           # bench ...
-    "mpc.reproduce",       # reproduce
-)
+# Commands and the modules that define them, in the order `--help` lists them.
+COMMANDS = {
+    "main": "mpc.main",                 # the README's main job
+    "synth": "mpc.data.synth",
+    "prepare-criteo": "mpc.data.prepare",
+    "train": "mpc.train",
+    "memory": "mpc.memory",
+    "bench": "mpc.bench",
+    "reproduce": "mpc.reproduce",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _wanted_modules(argv: list[str]) -> list[str]:
+    """Only the named command's module (importing all of them pulls in torch, sklearn...)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first in COMMANDS:
+        return [COMMANDS[first]]
+    return list(dict.fromkeys(COMMANDS.values()))
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mpc", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in _wanted_modules(sys.argv[1:] if argv is None else argv):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
