@@ -36,10 +36,15 @@ class DLRMConfig:
     bottom_mlp: tuple[int, ...] = BOTTOM_MLP
     top_mlp: tuple[int, ...] = TOP_MLP
     seed: int = 0  # MLP initialisation
+    mlp_bits: int = 32    # < 32: DQRM per-channel quantized MLP weights (mpc.qat_mlp)
+    mlp_quant: str = "qat"  # "qat" (fake-quantized while training) | "ptq" (at eval only)
 
     def __post_init__(self):
         if isinstance(self.embedding, dict):
             object.__setattr__(self, "embedding", EmbeddingConfig(**self.embedding))
+        if self.mlp_bits not in (2, 4, 8, 16, 32) or self.mlp_quant not in ("qat", "ptq"):
+            raise ValueError(f"MLP quantization must be 2/4/8/16/32 bits, qat|ptq; got "
+                             f"{self.mlp_bits} bits, {self.mlp_quant!r}")
         object.__setattr__(self, "bottom_mlp", tuple(self.bottom_mlp))
         object.__setattr__(self, "top_mlp", tuple(self.top_mlp))
         if self.bottom_mlp[0] != NUM_DENSE:
@@ -62,7 +67,8 @@ class DLRMConfig:
 
     def to_json(self) -> dict:
         return {"embedding": self.embedding.to_json(), "bottom_mlp": list(self.bottom_mlp),
-                "top_mlp": list(self.top_mlp), "seed": self.seed}
+                "top_mlp": list(self.top_mlp), "seed": self.seed, "mlp_bits": self.mlp_bits,
+                "mlp_quant": self.mlp_quant}
 
 
 def mlp(sizes: tuple[int, ...], generator: torch.Generator, last_relu: bool) -> nn.Sequential:
@@ -92,6 +98,11 @@ class DLRM(nn.Module):
         g = torch.Generator().manual_seed(config.seed)
         self.bottom = mlp(config.bottom_mlp, g, last_relu=True)
         self.top = mlp(config.top_mlp, g, last_relu=False)
+        if config.mlp_bits < 32:
+            from mpc.qat_mlp import quantize_linears
+
+            quantize_linears(self.bottom, config.mlp_bits, config.mlp_quant)
+            quantize_linears(self.top, config.mlp_bits, config.mlp_quant)
         self.embedding = embedding if embedding is not None else build_embedding(config.embedding)
         n = config.embedding.num_tables + 1
         li, lj = torch.tril_indices(n, n, offset=-1)

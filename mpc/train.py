@@ -48,6 +48,7 @@ class TrainConfig:
     checkpoint: str | None = None         # path of the checkpoint file
     checkpoint_every: int = 0             # steps between checkpoints (0: only at the end)
     progress: bool = True
+    mlp_bits: int = 32                    # < 32: DQRM-quantized MLP weights (mpc.qat_mlp)
 
     def __post_init__(self):
         if isinstance(self.embedding, dict):
@@ -92,7 +93,9 @@ class Trainer:
         self.dataset = dataset or Dataset.open(c.data)
         cards = tuple(self.dataset.cardinalities)
         emb = c.embedding.replace(cardinalities=cards)
-        self.model = DLRM(DLRMConfig.for_embedding(emb, seed=c.seed))
+        # MLPs quantize the way the tables do: post-training with "ptq", else QAT.
+        self.model = DLRM(DLRMConfig.for_embedding(emb, seed=c.seed, mlp_bits=c.mlp_bits,
+                                                   mlp_quant="ptq" if emb.kind == "ptq" else "qat"))
         self.model.embedding.set_learning_rate(c.lr)
         self.optimizer = torch.optim.SGD(self.model.dense_parameters(), lr=c.lr)
         src = str(self.dataset.folder)
@@ -134,7 +137,7 @@ class Trainer:
             raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
         mine = self.config.to_json()
         theirs = ck.get("config", {})
-        for key in ("data", "embedding", "batch_size", "lr", "seed", "max_train_samples"):
+        for key in ("data", "embedding", "batch_size", "lr", "seed", "max_train_samples", "mlp_bits"):
             if theirs.get(key) != mine.get(key):
                 raise UserError(f"{path}: checkpoint was made with {key}={theirs.get(key)!r}, "
                                 f"this run has {mine.get(key)!r}")
@@ -230,26 +233,37 @@ def _kernel_status(emb: EmbeddingConfig) -> str:
     return "compiled" if kernels.available() else f"reference ({kernels.build_error()})"
 
 
-def run(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False) -> dict:
-    """Train (resuming from config.checkpoint if asked) and write the run JSON atomically."""
+def run(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+        export: str | Path | None = None) -> dict:
+    """Train (resuming from config.checkpoint if asked) and write the run JSON atomically.
+
+    export: write the trained QAT model in real low-bit storage there (mpc.qat_export)
+    and record its size and test metrics under result["export"].
+    """
+    if export is not None and config.embedding.kind != "qat":
+        raise UserError("--export needs --embedding qat")
     trainer = Trainer(config)
     if resume:
         if not config.checkpoint:
             raise UserError("--resume needs --checkpoint PATH")
         trainer.load_checkpoint(config.checkpoint)
     result = trainer.fit()
+    if export is not None:
+        from mpc.qat_export import export_and_evaluate
+
+        result["export"] = export_and_evaluate(trainer, export)
     if out is not None:
         atomic_write_json(out, result)
     return result
 
 
 # --- command line ------------------------------------------------------------------
-EMBEDDING_KINDS = ("fp32", "fp16", "int8", "int4", "int2")
+EMBEDDING_KINDS = ("fp32", "fp16", "int8", "int4", "int2", "qat", "ptq")
 
 
 def add_embedding_arguments(p) -> None:
     """The embedding options shared by `train` and the benchmarks."""
-    from mpc.cli import fraction, non_negative_int
+    from mpc.cli import fraction, non_negative_int, positive_int
 
     g = p.add_argument_group("embedding")
     g.add_argument("--embedding", default="fp32", choices=EMBEDDING_KINDS,
@@ -264,13 +278,31 @@ def add_embedding_arguments(p) -> None:
     g.add_argument("--rounding", choices=("stochastic", "nearest"), default="stochastic")
     g.add_argument("--no-kernels", action="store_true",
                    help="use the pure-PyTorch reference instead of the compiled kernels")
+    g.add_argument("--bits", type=int, choices=(2, 4, 8, 16), default=None,
+                   help="qat/ptq: bits of the quantized tables (default 4; ptq row-wise: 2, 4, 8)")
+    g.add_argument("--scale-period", type=positive_int, default=None,
+                   help="qat: steps between table-scale recomputations (default 200; 1 = naive)")
+    g.add_argument("--quantize-all-rows", action="store_true",
+                   help="qat: fake-quantize whole tables every step (naive) instead of looked-up rows")
+    g.add_argument("--ptq-granularity", choices=("row", "table"), default="row",
+                   help="ptq: fused row-wise scale/bias (default) or one symmetric scale per table")
 
 
 def embedding_config_from_args(args, **extra) -> EmbeddingConfig:
     from mpc.embedding import CacheConfig
 
-    if args.cache_fraction > 0 and args.embedding == "fp32":
+    if args.cache_fraction > 0 and args.embedding in ("fp32", "qat", "ptq"):
         raise UserError("--cache-fraction needs a low-precision --embedding (fp16, int8, int4, int2)")
+    for flag, given, kinds in (("--bits", args.bits is not None, ("qat", "ptq")),
+                               ("--scale-period", args.scale_period is not None, ("qat",)),
+                               ("--quantize-all-rows", args.quantize_all_rows, ("qat",))):
+        if given and args.embedding not in kinds:
+            raise UserError(f"{flag} applies to --embedding {'|'.join(kinds)}, not {args.embedding}")
+    if args.embedding == "qat":
+        extra.setdefault("options", {"bits": args.bits or 4, "scale_period": args.scale_period or 200,
+                                     "looked_up_only": not args.quantize_all_rows})
+    elif args.embedding == "ptq":
+        extra.setdefault("options", {"bits": args.bits or 4, "granularity": args.ptq_granularity})
     cache = CacheConfig(fraction=args.cache_fraction, policy=args.cache_policy,
                         ways=args.cache_ways, shared=args.cache_shared)
     return EmbeddingConfig(kind=args.embedding, cache=cache, rounding=args.rounding,
@@ -302,7 +334,19 @@ def register_cli(sub) -> None:
     g.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                    help="steps between checkpoints (default: at each epoch end only)")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    g.add_argument("--export", default=None,
+                   help="qat: write the trained model in real low-bit storage to this file")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--mlp-bits", type=int, choices=(2, 4, 8, 16, 32), default=32,
+                   help="quantize the MLP weights per channel (QAT; post-training with "
+                        "--embedding ptq); default 32 = FP32")
+    d = p.add_argument_group("data-parallel (launch with torchrun --nproc-per-node N -m mpc train ...)")
+    d.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the torchrun ranks; --batch-size is the global batch")
+    d.add_argument("--grad-compression", choices=("none", "sparse", "sparse-int8"), default="sparse",
+                   help="dense all-reduce | sparse embedding rows | sparse + INT8 (default sparse)")
+    d.add_argument("--no-error-feedback", action="store_true",
+                   help="sparse-int8: no error compensation on the MLP gradients")
     p.set_defaults(func=_cli_train)
 
 
@@ -313,9 +357,22 @@ def _cli_train(args) -> int:
         eval_batch_size=args.eval_batch_size, max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, max_test_samples=args.max_test_samples,
         seed=args.seed, threads=args.threads, checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
-    result = run(config, args.out, resume=args.resume)
+        checkpoint_every=args.checkpoint_every, progress=not args.no_progress, mlp_bits=args.mlp_bits)
+    if args.distributed:
+        from mpc.distributed import DistributedConfig, run_distributed
+
+        dist = DistributedConfig(compression=args.grad_compression,
+                                 error_feedback=not args.no_error_feedback)
+        result = run_distributed(config, dist, args.out, resume=args.resume, export=args.export)
+        if result is None:   # not rank 0: rank 0 reports and writes
+            return 0
+    else:
+        result = run(config, args.out, resume=args.resume, export=args.export)
     print(summary_line(result))
+    if "export" in result:
+        e = result["export"]
+        print(f"exported {e['path']}: {e['total_bytes']:,} bytes stored ({e['file_bytes']:,} on disk), "
+              f"test AUC {e['test']['auc']:.4f}")
     print(f"wrote {args.out}")
     return 0
 
@@ -325,6 +382,8 @@ def summary_line(result: dict) -> str:
     emb = result["config"]["embedding"]
     label = emb["kind"] + (f"+{emb['cache']['fraction']:.0%} {emb['cache']['policy']} cache"
                            if emb["cache"]["fraction"] else "")
+    if emb["options"].get("bits"):
+        label += f" {emb['options']['bits']}-bit"
     sps = result["samples_per_second"] or 0.0
     return (f"{label}: test AUC {t['auc']:.4f}  logloss {t['logloss']:.4f}  accuracy {t['accuracy']:.4f}"
             f"  ({result['samples']} samples, {sps:,.0f} samples/s)")

@@ -17,6 +17,8 @@ BENCH_MODULES = (
     "mpc.bench.train",     # train: FP32 training step vs 26 nn.EmbeddingBag + SGD
     "mpc.bench.lookup",    # lookup: pooled INT8/INT4 lookup vs torch quantized ops
     "mpc.bench.cache",     # cache: cached INT8 training vs the FP32 baseline
+    "mpc.bench.qat",       # qat: DQRM QAT step time, scale period 1 vs N
+    "mpc.inference.bench",  # inference: eager PyTorch vs torch.compile, ONNX Runtime, OpenVINO
 )
 
 RESULTS_DIR = REPO_ROOT / "results" / "bench"

@@ -1,0 +1,376 @@
+"""The acceleration study: DLRM inference latency, eager PyTorch vs runtimes (PAPERS.md §3).
+
+"Does Form Follow Function?" measures how much hardware-specific runtimes speed up
+inference over the native framework across macro-architecture patterns and depths, and
+relates latency to FLOPs and to the last-level cache. The DLRM analogue, swept one
+factor at a time around the Kaggle reference model:
+
+    mlp_depth / mlp_width   hidden layers of both MLPs (constant or funnel pattern)
+    dim                     embedding dimension
+    table_size              table bytes from well inside to far beyond the LLC
+    precision               FP32 / INT8 / INT4 tables, each through the plain-op gather
+                            (all runtimes), PyTorch's quantized ops and mpc's kernels,
+                            with uniform and Zipf ids, on a table larger than the LLC
+    every sweep             batch 1, 128, 2048
+
+Each point builds a DLRM (reference initialisation), its inference twins
+(mpc.inference.module) and their exports (mpc.inference.export), checks every export
+against eager, and times each under pinned threads (mpc.inference.timing) on pools of
+fresh batches (mpc.inference.workload). The baseline is the training model itself
+(mpc.model.DLRM, FP32, eager, inference mode), timed with its calls interleaved with
+each runtime's (timing.measure_interleaved) so that both see the same load; speed-up =
+baseline median / runtime median of that pair. Baseline rows are the baseline timed
+against itself: their speed-up, ideally 1, shows the noise of the measurement.
+`run_study(quick_study())` takes well under a minute; `full_study()` about 10-15 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from tqdm.auto import tqdm
+
+from mpc.embedding import EmbeddingConfig
+from mpc.embedding.config import Precision
+from mpc.errors import UserError
+from mpc.inference import costs
+from mpc.inference.export import Runtime, available_runtimes, check_outputs, compile_model, supports
+from mpc.inference.module import InferenceDLRM, LookupKind
+from mpc.inference.timing import llc_bytes, measure_interleaved, pinned_threads
+from mpc.inference.workload import DEFAULT_ZIPF_S, IndexDistribution, input_pool
+from mpc.model import DLRM, DLRMConfig
+from mpc.runinfo import atomic_write_json, provenance
+
+log = logging.getLogger(__name__)
+
+BASELINE = "dlrm"          # the `lookup` column of baseline rows: the training model's backend
+KAGGLE_BOTTOM_HIDDEN = (512, 256, 64)
+KAGGLE_TOP_HIDDEN = (512, 256)
+
+
+class MlpPattern(str, Enum):
+    CONSTANT = "constant"    # width, width, ...
+    FUNNEL = "funnel"        # width, width/2, width/4, ... (the reference's shape)
+
+
+def mlp_widths(depth: int, width: int, pattern: MlpPattern | str) -> tuple[int, ...]:
+    """Hidden layer widths of an MLP of `depth` hidden layers."""
+    if depth < 1 or width < 1:
+        raise UserError(f"MLP depth and width must be >= 1, got depth {depth}, width {width}")
+    if MlpPattern(pattern) is MlpPattern.CONSTANT:
+        return (width,) * depth
+    return tuple(max(width >> k, 1) for k in range(depth))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A DLRM shape: hidden layers of each MLP, embedding dim and T equal tables."""
+
+    bottom_hidden: tuple[int, ...] = KAGGLE_BOTTOM_HIDDEN
+    top_hidden: tuple[int, ...] = KAGGLE_TOP_HIDDEN
+    dim: int = 16
+    num_tables: int = 26
+    rows_per_table: int = 1000
+    mlp_depth: int | None = None       # labels for the sweeps that set them (plot axes)
+    mlp_width: int | None = None
+    mlp_pattern: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "bottom_hidden", tuple(self.bottom_hidden))
+        object.__setattr__(self, "top_hidden", tuple(self.top_hidden))
+        if self.rows_per_table < 1 or self.num_tables < 1:
+            raise UserError(f"tables need >= 1 row and >= 1 table, got {self.num_tables} x {self.rows_per_table}")
+
+    @property
+    def cardinalities(self) -> tuple[int, ...]:
+        return (self.rows_per_table,) * self.num_tables
+
+    def dlrm_config(self, seed: int = 0) -> DLRMConfig:
+        n = self.num_tables + 1
+        return DLRMConfig(embedding=EmbeddingConfig(cardinalities=self.cardinalities, dim=self.dim, seed=seed),
+                          bottom_mlp=(13, *self.bottom_hidden, self.dim),
+                          top_mlp=(self.dim + n * (n - 1) // 2, *self.top_hidden, 1), seed=seed)
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "bottom_hidden": list(self.bottom_hidden),
+                "top_hidden": list(self.top_hidden)}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Model shapes crossed with precisions, lookups, id distributions, batches, runtimes.
+
+    vary: the column that changes along the sweep (the plots' x axis)."""
+
+    name: str
+    vary: str
+    specs: tuple[ModelSpec, ...]
+    precisions: tuple[Precision, ...] = (Precision.FP32,)
+    lookups: tuple[LookupKind, ...] = (LookupKind.GATHER,)
+    distributions: tuple[IndexDistribution, ...] = (IndexDistribution.UNIFORM,)
+    batches: tuple[int, ...] = (1, 128, 2048)
+    runtimes: tuple[Runtime, ...] = tuple(Runtime)
+
+    def __post_init__(self):
+        for name, kind in (("precisions", Precision), ("lookups", LookupKind),
+                           ("distributions", IndexDistribution), ("runtimes", Runtime)):
+            object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
+        object.__setattr__(self, "specs", tuple(self.specs))
+        if not self.specs or min(self.batches, default=0) < 1:
+            raise UserError(f"sweep {self.name}: needs model specs and batch sizes >= 1")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    sweeps: tuple[Sweep, ...]
+    threads: int = 2
+    warmup: int = 5
+    reps: int = 100             # timed calls per measurement, at most ...
+    max_seconds: float = 1.0    # ... or fewer once this much time was spent (>= min_reps)
+    min_reps: int = 10
+    block: int = 5              # timed calls per turn when a runtime and its baseline alternate
+    switch: int = 2             # untimed calls at the start of each turn (see timing)
+    zipf_s: float = DEFAULT_ZIPF_S
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def quick_study() -> StudyConfig:
+    """CI-sized: a small model; every runtime at FP32 and INT4 (gather), PyTorch's
+    quantized ops and mpc's kernels at INT8 and INT4 (eager); batches 1 and 128."""
+    spec = ModelSpec(bottom_hidden=(64, 32), top_hidden=(64, 32), dim=8, num_tables=8, rows_per_table=2000)
+    sweeps = (
+        Sweep("quick_runtimes", "precision", (spec,), precisions=(Precision.FP32, Precision.INT4),
+              batches=(1, 128)),
+        Sweep("quick_lookups", "precision", (spec,), precisions=(Precision.INT8, Precision.INT4),
+              lookups=(LookupKind.TORCH_OPS, LookupKind.MPC_KERNELS),
+              distributions=tuple(IndexDistribution), batches=(1, 128), runtimes=(Runtime.EAGER,)),
+    )
+    return StudyConfig(sweeps, warmup=2, reps=20, max_seconds=0.05, min_reps=5)
+
+
+def full_study(llc: int | None = None) -> StudyConfig:
+    """The study's sweeps, table sizes set from this machine's LLC (see the module doc)."""
+    llc = llc or llc_bytes() or 32 << 20
+    base = ModelSpec()
+    row = 4 * base.dim * base.num_tables   # FP32 bytes of one row of every table
+
+    def rows_for(ratio: float) -> int:
+        return max(16, int(ratio * llc / row))
+
+    depth = [dataclasses.replace(base, bottom_hidden=mlp_widths(d, 512, p), top_hidden=mlp_widths(d, 512, p),
+                                 mlp_depth=d, mlp_width=512, mlp_pattern=p.value)
+             for p in MlpPattern for d in (1, 2, 4, 6)]
+    width = [dataclasses.replace(base, bottom_hidden=(w, w), top_hidden=(w, w), mlp_depth=2, mlp_width=w,
+                                 mlp_pattern=MlpPattern.CONSTANT.value) for w in (64, 256, 1024)]
+    dims = [dataclasses.replace(base, dim=d) for d in (4, 32, 64)]
+    sizes = [dataclasses.replace(base, rows_per_table=rows_for(r)) for r in (0.125, 0.5, 2, 8, 16)]
+    big = dataclasses.replace(base, rows_per_table=rows_for(8))
+    sweeps = (
+        Sweep("mlp_depth", "mlp_depth", tuple(depth)),
+        Sweep("mlp_width", "mlp_width", tuple(width)),
+        Sweep("dim", "dim", (base, *dims)),
+        Sweep("table_size", "table_over_llc", tuple(sizes), distributions=tuple(IndexDistribution)),
+        Sweep("precision", "precision", (big,), precisions=(Precision.FP32, Precision.INT8, Precision.INT4),
+              lookups=tuple(LookupKind), distributions=tuple(IndexDistribution)),
+    )
+    return StudyConfig(sweeps)
+
+
+# --- running ------------------------------------------------------------------------
+
+@dataclass
+class StudyResult:
+    """Tidy rows (one per timed model x batch x id distribution), what was skipped and
+    why, the runtimes found (with versions) and the provenance of the run."""
+
+    rows: list[dict]
+    skipped: list[dict]
+    runtimes: list[dict]
+    llc_bytes: int | None
+    config: dict
+    provenance: dict = field(default_factory=provenance)
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def to_json(self) -> dict:
+        return {"provenance": self.provenance, "llc_bytes": self.llc_bytes, "runtimes": self.runtimes,
+                "config": self.config, "rows": self.rows, "skipped": self.skipped}
+
+    def save(self, path) -> None:
+        atomic_write_json(path, self.to_json())
+
+
+@dataclass
+class _Run:
+    """What one study run carries from point to point."""
+
+    config: StudyConfig
+    present: set[Runtime]
+    versions: dict[Runtime, str]
+    llc: int | None
+    commit: str
+    bar: tqdm
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def measure(self, fn, baseline, pool):
+        """(stats of fn, stats of the baseline), their calls interleaved."""
+        self.bar.update(1)
+        c = self.config
+        return measure_interleaved([fn, baseline], pool, warmup=c.warmup, reps=c.reps,
+                                   min_reps=c.min_reps, max_seconds=c.max_seconds, block=c.block,
+                                   switch=c.switch)
+
+    def skip(self, context: dict, reason: str, **point) -> None:
+        log.info("skipped %s: %s", point, reason)
+        self.skipped.append({**{k: context[k] for k in ("sweep", "spec_index")},
+                             **{k: getattr(v, "value", v) for k, v in point.items()}, "reason": reason})
+
+
+def _context(sweep: Sweep, index: int, spec: ModelSpec, run: _Run) -> dict:
+    fp32_table = spec.num_tables * spec.rows_per_table * Precision.FP32.row_bytes(spec.dim)
+    ctx = {"sweep": sweep.name, "vary": sweep.vary, "spec_index": index, **spec.to_json(),
+           "table_bytes_fp32": fp32_table, "llc_bytes": run.llc,
+           "table_over_llc": fp32_table / run.llc if run.llc else None,
+           "threads": run.config.threads, "commit": run.commit}
+    return ctx
+
+
+def _row(run: _Run, ctx: dict, spec: ModelSpec, precision: Precision, lookup: str, runtime: Runtime,
+         batch: int, dist: IndexDistribution, stats, base, **extra) -> dict:
+    cost = costs.inference_cost((13, *spec.bottom_hidden, spec.dim), spec.dlrm_config().top_mlp,
+                                spec.cardinalities, spec.dim, precision, batch)
+    row = {**ctx, "precision": precision.value, "lookup": lookup, "runtime": runtime.value,
+           "runtime_version": run.versions[runtime], "batch": batch, "distribution": dist.value,
+           "zipf_s": run.config.zipf_s if dist is IndexDistribution.ZIPF else None,
+           **{f"latency_{k}": v for k, v in stats.to_json().items()},
+           "throughput_sps": batch / stats.median_s, "baseline_median_s": base.median_s,
+           "speedup": base.median_s / stats.median_s, **extra,
+           **{f"cost_{k}": v for k, v in cost.to_json().items()}}
+    row["x"] = row.get(ctx["vary"])
+    return row
+
+
+def _run_spec(run: _Run, sweep: Sweep, index: int, spec: ModelSpec) -> None:
+    c = run.config
+    ctx = _context(sweep, index, spec, run)
+    model = DLRM(spec.dlrm_config(c.seed)).eval()
+    calls = 2 * (c.warmup + c.reps + c.switch * -(-c.reps // c.block))   # per timing, both sides
+    pools = {(d, b): input_pool(spec.cardinalities, b, d, calls, c.seed, c.zipf_s)
+             for b in sweep.batches for d in sweep.distributions}
+    reference = {}
+    baseline = _baseline(model)
+    for (d, b), pool in pools.items():
+        reference[(d, b)] = baseline(*pool[0])
+        # Timed against itself: the speed-up of this row (~1) shows the measurement noise.
+        stats, base = run.measure(baseline, baseline, pool)
+        run.rows.append(_row(run, ctx, spec, Precision.FP32, BASELINE, Runtime.EAGER, b, d, stats, base,
+                             build_seconds=0.0, artifact_bytes=0, max_abs_diff=0.0, max_abs_diff_fp32=0.0))
+    for precision in sweep.precisions:
+        for lookup in sweep.lookups:
+            wanted = [r for r in sweep.runtimes if r in run.present]
+            usable = [r for r in wanted if supports(r, lookup, precision)]
+            for r in set(wanted) - set(usable):
+                run.skip(ctx, "runtime cannot take this lookup at this precision",
+                         precision=precision, lookup=lookup, runtime=r)
+                run.bar.update(len(pools))
+            if not usable:
+                continue
+            module = InferenceDLRM.from_model(model, precision, lookup)
+            for runtime in usable:
+                _run_runtime(run, ctx, sweep, spec, module, runtime, pools, reference, baseline)
+
+
+def _baseline(model: DLRM):
+    """The training model as a user would serve it: eager, inference mode, (B, T) ids."""
+    def predict(dense, cat):
+        with torch.inference_mode():
+            return model.forward_onehot(dense, cat)
+    return predict
+
+
+def _run_runtime(run: _Run, ctx, sweep, spec, module: InferenceDLRM, runtime: Runtime, pools, reference,
+                 baseline):
+    """Build `module` for `runtime` (once, or per batch size for static-shape runtimes),
+    check it against eager, time it on every pool."""
+    precision, lookup = module.precision, module.lookup_kind.value
+    point = {"precision": precision, "lookup": lookup, "runtime": runtime}
+    static = runtime is Runtime.TORCH_COMPILE
+    compiled = None
+    for b in sweep.batches:
+        example = pools[(sweep.distributions[0], b if static else max(sweep.batches))][0]
+        try:
+            if compiled is None or static:
+                compiled = compile_model(module, runtime, example, threads=run.config.threads)
+        except UserError as e:
+            log.warning("%s", e)
+            for skipped in (sweep.batches[sweep.batches.index(b):] if not static else (b,)):
+                run.skip(ctx, str(e), batch=skipped, **point)
+                run.bar.update(len(sweep.distributions))
+            if static:
+                continue
+            return
+        for d in sweep.distributions:
+            pool = pools[(d, b)]
+            try:
+                diff = check_outputs(compiled, module, *pool[0])
+            except AssertionError as e:
+                log.error("%s %s %s: output mismatch, not timed: %s", runtime.value, lookup,
+                          precision.value, str(e).splitlines()[0])
+                run.skip(ctx, f"output mismatch: {str(e).splitlines()[0]}", batch=b, distribution=d, **point)
+                run.bar.update(1)
+                continue
+            diff_fp32 = float((compiled(*pool[0]) - reference[(d, b)]).abs().max())
+            stats, base = run.measure(compiled, baseline, pool)
+            run.rows.append(_row(run, ctx, spec, precision, lookup, runtime, b, d, stats, base,
+                                 build_seconds=compiled.build_seconds,
+                                 artifact_bytes=compiled.artifact_bytes(),
+                                 max_abs_diff=diff, max_abs_diff_fp32=diff_fp32))
+
+
+def _measurements(config: StudyConfig, present: set[Runtime]) -> int:
+    """Length of the progress bar: every point of every sweep, baseline included."""
+    n = 0
+    for s in config.sweeps:
+        per_spec = len(s.batches) * len(s.distributions)
+        runtimes = sum(r in present for r in s.runtimes)
+        n += len(s.specs) * per_spec * (1 + len(s.precisions) * len(s.lookups) * runtimes)
+    return n
+
+
+def run_study(config: StudyConfig, progress: bool = True) -> StudyResult:
+    """Run every sweep of `config`; runtimes that are not installed are listed (with the
+    reason) in the result's `runtimes` and left out."""
+    infos = available_runtimes()
+    for info in infos.values():
+        if not info.available:
+            log.warning("runtime %s left out: %s", info.runtime.value, info.reason)
+    prov = provenance()
+    present = {r for r, i in infos.items() if i.available}
+    with pinned_threads(config.threads), tqdm(total=_measurements(config, present), desc="inference study",
+                                              unit="timing", disable=not progress) as bar:
+        run = _Run(config, present, {r: i.version for r, i in infos.items()}, llc_bytes(), prov["commit"], bar)
+        for sweep in config.sweeps:
+            for index, spec in enumerate(sweep.specs):
+                _run_spec(run, sweep, index, spec)
+    return StudyResult(run.rows, run.skipped, [i.to_json() for i in infos.values()], run.llc,
+                       config.to_json(), prov)
+
+
+def speedup_summary(frame, by=("sweep", "precision", "lookup", "runtime", "batch")):
+    """Geometric-mean speed-up over the eager FP32 baseline, per group (rows of one
+    group differ in model shape or id distribution), with the group's row count."""
+    import numpy as np
+
+    grouped = frame.groupby(list(by), sort=True)["speedup"]
+    return grouped.agg(speedup_geomean=lambda s: float(np.exp(np.log(s).mean())), rows="size").reset_index()

@@ -1,0 +1,109 @@
+"""DLRM structure and the FP32 backend against plain PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mpc.bench.baseline import baseline_dlrm, baseline_optimizer
+from mpc.criteo import KAGGLE_CARDINALITIES
+from mpc.embedding import EmbeddingConfig, build_embedding, jagged_from_dense
+from mpc.embedding.base import check_indices
+from mpc.model import DLRM, DLRMConfig, dot_interaction
+from mpc.train import sgd_step
+
+CARDS = (11, 5, 40, 3, 17)
+
+
+def _batch(cards, B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand(B, 13, generator=g) * 3
+    cat = torch.stack([torch.randint(0, c, (B,), generator=g) for c in cards], 1)
+    label = (torch.rand(B, generator=g) < 0.3).float()
+    return dense, cat, label
+
+
+def test_reference_shapes_for_kaggle():
+    cfg = DLRMConfig(embedding=EmbeddingConfig(cardinalities=(4,) * 26))
+    assert cfg.bottom_mlp == (13, 512, 256, 64, 16)
+    assert cfg.top_mlp == (367, 512, 256, 1)
+    model = DLRM(cfg)
+    linears = [m for m in model.top if isinstance(m, torch.nn.Linear)]
+    assert [l.in_features for l in linears] == [367, 512, 256]
+    assert isinstance(model.top[-1], torch.nn.Linear)  # logit out; sigmoid lives in the loss
+    assert sum(KAGGLE_CARDINALITIES) * 16 * 4 == 2_160_804_928  # the 2.161 GB of PAPERS.md
+
+
+def test_interaction_matches_a_naive_loop():
+    B, T, D = 3, 4, 5
+    x, emb = torch.randn(B, D), torch.randn(B, T, D)
+    li, lj = torch.tril_indices(T + 1, T + 1, offset=-1)
+    out = dot_interaction(x, emb, li, lj)
+    z = torch.cat([x[:, None], emb], 1)
+    naive = [[float(z[b, i] @ z[b, j]) for i in range(T + 1) for j in range(i)] for b in range(B)]
+    assert out.shape == (B, D + (T + 1) * T // 2)
+    assert torch.allclose(out[:, :D], x)
+    assert torch.allclose(out[:, D:], torch.tensor(naive), atol=1e-6)
+
+
+def test_reference_initialisation_statistics():
+    cfg = DLRMConfig.for_embedding(EmbeddingConfig(cardinalities=(10_000, 100), dim=16), seed=3)
+    model = DLRM(cfg)
+    w = model.embedding.to_float()
+    assert w[:10_000].abs().max() <= math.sqrt(1 / 10_000) + 1e-7
+    assert w[10_000:].abs().max() <= math.sqrt(1 / 100) + 1e-7
+    assert float(w[:10_000].std()) == pytest.approx(math.sqrt(1 / 10_000) / math.sqrt(3), rel=0.05)
+    lin = model.top[0]  # 19 -> 512 (2 tables: 16 + 3 dots): std sqrt(2 / (512 + 19))
+    assert float(lin.weight.detach().std()) == pytest.approx(math.sqrt(2 / 531), rel=0.03)
+
+
+def test_fp32_lookup_equals_embedding_bags_with_jagged_bags():
+    cfg = EmbeddingConfig(cardinalities=CARDS, dim=6, use_kernels=False)
+    backend = build_embedding(cfg)
+    base = baseline_dlrm(DLRMConfig.for_embedding(cfg), backend.to_float()).embedding
+    # Jagged: empty bags, repeated ids in a bag.
+    g = torch.Generator().manual_seed(1)
+    B = 4
+    lengths = torch.randint(0, 4, (len(CARDS) * B,), generator=g)
+    lengths[3] = 0
+    tables = torch.arange(len(CARDS)).repeat_interleave(B).repeat_interleave(lengths)
+    indices = (torch.rand(int(lengths.sum()), generator=g) * torch.tensor(CARDS)[tables]).long()
+    indices[:2] = indices[0]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    check_indices(indices, offsets, CARDS)
+    backend.eval()
+    assert torch.allclose(backend(indices, offsets), base(indices, offsets), atol=1e-6)
+
+
+def test_one_fused_step_equals_sparse_sgd_on_embedding_bags():
+    """mpc's fused update is the same SGD as 26 EmbeddingBag(sparse=True) + torch SGD."""
+    cfg = DLRMConfig.for_embedding(EmbeddingConfig(cardinalities=CARDS, dim=8, use_kernels=False), seed=2)
+    ours = DLRM(cfg)
+    theirs = baseline_dlrm(cfg, ours.embedding.to_float())
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("embedding.")},
+                           strict=False)
+    ours.embedding.set_learning_rate(0.1)
+    opt_ours = torch.optim.SGD(ours.dense_parameters(), lr=0.1)
+    opt_theirs = baseline_optimizer(theirs, 0.1)
+    for step in range(3):
+        dense, cat, label = _batch(CARDS, 16, seed=step)
+        cat[:4, 2] = 7  # repeated ids across the batch
+        idx, off = jagged_from_dense(cat)
+        la = sgd_step(ours, opt_ours, dense, idx, off, label)
+        lb = sgd_step(theirs, opt_theirs, dense, idx, off, label)
+        assert float(la) == pytest.approx(float(lb), abs=1e-6)
+    flat = torch.cat([b.weight for b in theirs.embedding.bags])
+    assert torch.allclose(ours.embedding.to_float(), flat, atol=1e-6)
+    assert not torch.allclose(ours.embedding.to_float(), DLRM(cfg).embedding.to_float())
+    for (n, a), b in zip(ours.bottom.named_parameters(), theirs.bottom.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_out_of_range_ids_are_refused():
+    idx, off = jagged_from_dense(torch.tensor([[0, 4, 39, 2, 16]]))
+    check_indices(idx, off, CARDS)
+    idx[1] = 5
+    with pytest.raises(ValueError, match=r"id 5 out of range for table 1 \(C2, 5 rows\)"):
+        check_indices(idx, off, CARDS)
