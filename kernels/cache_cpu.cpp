@@ -1,0 +1,462 @@
+// FP32 cache management on the CPU (MPC, PAPERS.md §1): admission, eviction and
+// lookup of cached rows for a batch, with the per-set policy of kernels/cache_policy.h,
+// and the data movement of each event (write-back: re-quantize the evicted FP32 row
+// into storage; fill: dequantize the admitted row into its slot) with the row formats
+// of kernels/rowformat.h, i.e. exactly as tbe_quantize_rows/tbe_dequantize_rows.
+// Reference twin: mpc/embedding/cache_reference.py.
+//
+// Each thread moves the rows of its own events in event order, after deciding them
+// (decisions read only tags/times/counts), which equals "all write-backs, then all
+// fills": a row filled in a call is accessed in it and so cannot be evicted in it, a
+// slot filled in a call cannot be emptied again in it, and a row evicted and refilled
+// in one call has both events in its set's thread, in that order.
+//
+// Determinism with threads: sets are independent (a row belongs to one set, so do its
+// LFU count, its slot and its stored row), and each access's clock value is its
+// position in its group's sequence, known up front. Each thread owns a fixed share of
+// the sets and walks the batch in order doing only their accesses, so every set sees
+// its accesses in batch order whatever the thread count. Counters are summed per thread.
+//
+// export: cache_prepare cache_probe cache_rebuild
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include <omp.h>
+
+#include "cache_policy.h"
+#include "rowformat.h"
+
+namespace mpc_cache {
+
+inline void check_i64(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt64 && t.is_contiguous(),
+              name, " must be a contiguous CPU int64 tensor");
+}
+
+inline void check_i32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt32 && t.is_contiguous(),
+              name, " must be a contiguous CPU int32 tensor");
+}
+
+// Validates the state/derived tensors against the geometry; returns raw pointers.
+// state = [tags, times, row_counts, ...], derived = [order, set_state, index, slot_counts].
+CacheArrays arrays(const torch::Tensor& geometry, int64_t policy, const std::vector<torch::Tensor>& state,
+                   const std::vector<torch::Tensor>& derived) {
+  TORCH_CHECK(policy == kLRU || policy == kLFU, "cache policy must be 0 (LRU) or 1 (LFU), got ", policy);
+  TORCH_CHECK(state.size() >= 3 && derived.size() == 4, "cache: expected [tags, times, lfu_counts, ...] and "
+              "[order, set_state, index, slot_counts]");
+  check_i64(geometry, "geometry");
+  TORCH_CHECK(geometry.dim() == 2 && geometry.size(1) == kGeomFields, "geometry must be (G, ", (int)kGeomFields,
+              ")");
+  const int64_t G = geometry.size(0);
+  const int64_t* geo = geometry.data_ptr<int64_t>();
+  int64_t slots = 0, sets = 0, index = 0, ordered = 0, states = 0, rows_end = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t* r = geo + g * kGeomFields;
+    const bool scan = r[kIndexSize] == 0;
+    TORCH_CHECK(r[kWays] >= 1 && r[kNSets] >= 1 && r[kSlotOffset] == slots && r[kSetOffset] == sets &&
+                    r[kIndexOffset] == index && r[kOrderOffset] == ordered && r[kStateOffset] == states &&
+                    (scan ? r[kWays] <= kScanWays
+                          : r[kIndexSize] >= 2 * r[kWays] && (r[kIndexSize] & (r[kIndexSize] - 1)) == 0),
+                "cache geometry row ", g, " is inconsistent");
+    slots += r[kWays] * r[kNSets];
+    sets += r[kNSets];
+    index += r[kIndexSize] * r[kNSets];
+    ordered += scan ? 0 : r[kWays] * r[kNSets];
+    states += scan ? 0 : r[kNSets];
+    rows_end = std::max(rows_end, r[kFirstRow] + r[kRows]);
+  }
+  const int64_t stride = policy == kLRU ? 3 : 1;
+  check_i64(state[0], "tags");
+  check_i64(state[1], "times");
+  check_i32(state[2], "lfu_counts");
+  check_i32(derived[0], "order");
+  check_i32(derived[1], "set_state");
+  check_i32(derived[2], "index");
+  check_i32(derived[3], "slot_counts");
+  TORCH_CHECK(state[0].numel() == slots && state[1].numel() == slots, "tags/times must have ", slots, " slots");
+  TORCH_CHECK(policy == kLRU || state[2].numel() >= rows_end, "lfu_counts must cover ", rows_end, " rows");
+  TORCH_CHECK(derived[0].numel() == 2 * ordered && derived[1].numel() == stride * states &&
+                  derived[2].numel() == index && derived[3].numel() == (policy == kLFU ? slots : 0),
+              "cache order/set_state/index/slot_counts have the wrong sizes");
+  return CacheArrays{state[0].data_ptr<int64_t>(), state[1].data_ptr<int64_t>(), state[2].data_ptr<int32_t>(),
+                     policy == kLFU ? derived[3].data_ptr<int32_t>() : nullptr, derived[0].data_ptr<int32_t>(),
+                     derived[1].data_ptr<int32_t>(), derived[2].data_ptr<int32_t>(), stride};
+}
+
+void check_bounds(const torch::Tensor& bounds, int64_t parts, int64_t n, const char* name) {
+  check_i64(bounds, name);
+  TORCH_CHECK(bounds.numel() == parts + 1, name, " must have ", parts + 1, " entries");
+  const int64_t* b = bounds.data_ptr<int64_t>();
+  TORCH_CHECK(b[0] == 0 && b[parts] == n, name, " must start at 0 and end at the number of ids");
+  for (int64_t k = 0; k < parts; ++k) TORCH_CHECK(b[k] <= b[k + 1], name, " must be non-decreasing");
+}
+
+// Which thread handles a set: blocks of consecutive sets, so that neighbouring sets'
+// state (which shares cache lines) stays on one core.
+constexpr int64_t kSetsPerBlock = 16;
+constexpr int64_t kPrefetchAhead = 12;  // accesses: enough to overlap DRAM latency
+inline int owner(int64_t set, int nthreads) { return (int)((set / kSetsPerBlock) % nthreads); }
+
+// The batch located: global row, table, group and set (local to the group) of every id.
+struct Located {
+  std::vector<int64_t> row, set;
+  std::vector<int32_t> table, group;
+  std::vector<uint8_t> owner;  // thread that handles the access's set
+};
+
+// indices: table-local ids, table t's at positions [table_bounds[t], table_bounds[t+1]);
+// bounds: each group's positions (groups are runs of whole tables). Raises on an id
+// outside its table.
+Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
+               const torch::Tensor& table_offsets, const torch::Tensor& bounds, const torch::Tensor& geometry,
+               int nthreads = 1) {
+  check_i64(indices, "indices");
+  check_i64(table_offsets, "table_offsets");
+  const int64_t n = indices.numel(), T = table_offsets.numel() - 1, G = geometry.size(0);
+  check_bounds(table_bounds, T, n, "table_bounds");
+  check_bounds(bounds, G, n, "bounds");
+  const int64_t *ids = indices.data_ptr<int64_t>(), *tb = table_bounds.data_ptr<int64_t>();
+  const int64_t *toff = table_offsets.data_ptr<int64_t>(), *b = bounds.data_ptr<int64_t>();
+  const int64_t* geo = geometry.data_ptr<int64_t>();
+  Located loc;
+  loc.row.resize(n);
+  loc.set.resize(n);
+  loc.table.resize(n);
+  loc.group.resize(n);
+  loc.owner.resize(n);
+  int64_t first_bad = n, first_stray = n;
+#pragma omp parallel reduction(min : first_bad, first_stray)
+  for (int64_t t = 0; t < T; ++t) {
+    if (tb[t] == tb[t + 1]) continue;
+    const int64_t g = group_of(b, G, tb[t]), rows = toff[t + 1] - toff[t];
+    const int64_t* r = geo + g * kGeomFields;
+#pragma omp for schedule(static) nowait
+    for (int64_t i = tb[t]; i < tb[t + 1]; ++i) {
+      const int64_t id = ids[i], row = toff[t] + id;
+      if (id < 0 || id >= rows) {
+        first_bad = std::min(first_bad, i);
+        continue;
+      }
+      if (i >= b[g + 1] || row < r[kFirstRow] || row >= r[kFirstRow] + r[kRows]) {  // bounds disagree
+        first_stray = std::min(first_stray, i);
+        continue;
+      }
+      loc.row[i] = row;
+      loc.table[i] = (int32_t)t;
+      loc.group[i] = (int32_t)g;
+      loc.set[i] = mix32((uint32_t)row) % (uint64_t)r[kNSets];
+      loc.owner[i] = (uint8_t)owner(r[kSetOffset] + loc.set[i], nthreads);
+    }
+  }
+  if (first_bad < n) {
+    const int64_t t = group_of(tb, T, first_bad);
+    TORCH_CHECK(false, "id ", ids[first_bad], " out of range for table ", t, " (", toff[t + 1] - toff[t], " rows)");
+  }
+  TORCH_CHECK(first_stray == n, "cache: id at position ", first_stray, " is outside the rows of its cache group");
+  return loc;
+}
+
+// The rows to move at each event: storage (all rows) and the FP32 cache rows.
+struct RowData {
+  uint8_t* storage = nullptr;
+  float* cache = nullptr;
+  int p = 0, dim = 0, purpose = 0;
+  int64_t rb = 0;
+  bool stochastic = false;
+  uint32_t step_key = 0;
+
+  // Write back the row evicted from `slot` (if any), then fill `slot` from `row`.
+  void move(int64_t slot, int64_t evicted, int64_t row) const {
+    using namespace mpc_rowformat;
+    float* value = cache + slot * dim;
+    if (evicted >= 0) {
+      quantize_row(p, value, dim, storage + evicted * rb, stochastic, row_key(step_key, evicted), purpose);
+    }
+    dequantize_row(p, storage + row * rb, dim, value);
+  }
+};
+
+RowData row_data(const std::vector<torch::Tensor>& rowdata, int64_t precision, bool stochastic, int64_t step_key,
+                 int64_t purpose, int64_t slots, int64_t rows) {
+  RowData rd;
+  if (rowdata.empty()) return rd;  // decisions only (the caller moves the rows)
+  TORCH_CHECK(rowdata.size() == 2, "rowdata is [] or [storage, cache_weights]");
+  const torch::Tensor &storage = rowdata[0], &cache = rowdata[1];
+  const int p = (int)precision;
+  TORCH_CHECK(mpc_rowformat::valid_precision(p) && p != mpc_rowformat::kFP32, "bad cached precision code ", p);
+  TORCH_CHECK(cache.device().is_cpu() && cache.scalar_type() == torch::kFloat32 && cache.is_contiguous() &&
+                  cache.dim() == 2 && cache.size(0) == slots,
+              "cache_weights must be contiguous CPU float32 (", slots, ", dim)");
+  const int64_t dim = cache.size(1), rb = mpc_rowformat::row_bytes(p, dim);
+  auto want = p == mpc_rowformat::kFP16 ? torch::kFloat16 : torch::kUInt8;
+  TORCH_CHECK(storage.device().is_cpu() && storage.is_contiguous() && storage.scalar_type() == want &&
+                  storage.dim() == 2 && storage.size(0) >= rows &&
+                  storage.nbytes() == (size_t)(storage.size(0) * rb),
+              "storage must be contiguous CPU ", c10::toString(want), " rows of ", rb, " bytes");
+  rd.storage = reinterpret_cast<uint8_t*>(storage.data_ptr());
+  rd.cache = cache.data_ptr<float>();
+  rd.p = p;
+  rd.dim = (int)dim;
+  rd.rb = rb;
+  rd.stochastic = stochastic;
+  rd.step_key = (uint32_t)step_key;
+  rd.purpose = (int)purpose;
+  return rd;
+}
+
+// Where one thread writes its accesses' results: thread 0 into the returned arrays,
+// the others into their own scratch arrays (writing interleaved entries of shared arrays
+// would bounce cache lines between cores), copied over afterwards.
+struct Results {
+  int64_t* slot;
+  int64_t* evicted;
+  uint8_t* filled;
+  std::vector<int64_t> slot_buf, evicted_buf;
+  std::vector<uint8_t> filled_buf;
+  std::vector<int64_t> counters, uncached;
+  int64_t touched = 0;
+};
+
+struct Walk {
+  const Located& loc;
+  CacheArrays a;
+  const RowData& rd;
+  const int64_t *geo, *bnd, *toff, *clk;
+  int64_t n, G, T;
+};
+
+// The rows of this thread's events, in event order (a row's write-back precedes its
+// refill): the events are known after the walk, so the rows a few events ahead are
+// prefetched, unlike at decision time.
+inline void move_rows(const RowData& rd, const std::vector<int64_t>& events, const Results& out,
+                      const int64_t* rows) {
+  constexpr size_t kAhead = 8;
+  for (size_t k = 0; k < events.size(); ++k) {
+    if (k + kAhead < events.size()) {
+      const int64_t j = events[k + kAhead];
+      __builtin_prefetch(rd.cache + out.slot[j] * rd.dim, 1, 3);
+      __builtin_prefetch(rd.storage + rows[j] * rd.rb, 0, 3);
+      if (out.evicted[j] >= 0) __builtin_prefetch(rd.storage + out.evicted[j] * rd.rb, 1, 3);
+    }
+    const int64_t i = events[k];
+    rd.move(out.slot[i], out.evicted[i], rows[i]);
+  }
+}
+
+// One thread's share of the batch: every access of the sets it owns, in batch order.
+template <int32_t Policy>
+void walk(const Walk& w, Results& out, int tid, int nthreads) {
+  const Located& loc = w.loc;
+  std::vector<int64_t> rejected, events;
+  auto mine = [&](int64_t i) { return loc.owner[i] % nthreads == tid; };
+  for (int64_t i = 0; i < w.n; ++i) {
+    const int64_t j = i + kPrefetchAhead;
+    if (j < w.n && mine(j)) {
+      const int64_t* gj = w.geo + loc.group[j] * kGeomFields;
+      prefetch_set(set_ref(w.a, gj, loc.set[j]), Policy == kLFU ? w.a.row_counts : nullptr, loc.row[j]);
+    }
+    if (!mine(i)) continue;
+    const int32_t gi = loc.group[i];
+    const int64_t* g = w.geo + gi * kGeomFields;
+    const int64_t row = loc.row[i], start = w.clk[gi], now = start + (i - w.bnd[gi]) + 1;
+    AccessResult res = access<Policy>(set_ref(w.a, g, loc.set[i]), w.a.row_counts, row, now, start);
+    const int64_t slot = res.way < 0 ? -1 : g[kSlotOffset] + loc.set[i] * g[kWays] + res.way;
+    if (res.filled) events.push_back(i);
+    int64_t* ct = out.counters.data() + loc.table[i] * kCounterFields;
+    ct[kLookups] += 1;
+    ct[res.hit ? kHits : kMisses] += 1;
+    ct[kFills] += res.filled;
+    out.touched += res.first_touch;
+    if (res.way < 0) rejected.push_back(i);
+    out.slot[i] = slot;
+    out.evicted[i] = res.evicted;
+    out.filled[i] = res.filled;
+    if (res.evicted >= 0) {  // the victim's table: the group's own unless the group is shared
+      const int64_t vt = w.G == w.T ? loc.table[i] : table_of(w.toff, w.T, res.evicted);
+      out.counters[vt * kCounterFields + kEvictions] += 1;
+    }
+  }
+  if (w.rd.storage) move_rows(w.rd, events, out, loc.row.data());
+  // A row rejected early may be admitted by a later access (LFU counts grow): every
+  // id uses its row's final slot. Only this thread touches these sets.
+  for (int64_t i : rejected) {
+    const int64_t* g = w.geo + loc.group[i] * kGeomFields;
+    int32_t way = find(set_ref(w.a, g, loc.set[i]), loc.row[i]);
+    if (way >= 0) out.slot[i] = g[kSlotOffset] + loc.set[i] * g[kWays] + way;
+    else out.uncached.push_back(loc.row[i]);
+  }
+  std::sort(out.uncached.begin(), out.uncached.end());
+  out.uncached.erase(std::unique(out.uncached.begin(), out.uncached.end()), out.uncached.end());
+}
+
+torch::Tensor to_tensor(const std::vector<int64_t>& v) {
+  auto t = torch::empty({(int64_t)v.size()}, torch::kInt64);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t;
+}
+
+// Merges the threads' results, adds the counters, ticks the clocks; the events in
+// access order.
+std::vector<torch::Tensor> finish(const Walk& w, std::vector<Results>& res, int used, torch::Tensor slots,
+                                  std::vector<int64_t>& evicted, std::vector<uint8_t>& filled,
+                                  torch::Tensor counters) {
+  const int64_t n = w.n;
+  int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int t = w.loc.owner[i] % used;
+    if (t == 0) continue;
+    slot[i] = res[t].slot[i];
+    evicted[i] = res[t].evicted[i];
+    filled[i] = res[t].filled[i];
+  }
+  int64_t* cnt = counters.data_ptr<int64_t>();
+  int64_t touched = 0, uncached = 0;
+  for (int t = 0; t < used; ++t) {
+    for (int64_t k = 0; k < w.T * kCounterFields; ++k) cnt[k] += res[t].counters[k];
+    touched += res[t].touched;
+    uncached += (int64_t)res[t].uncached.size();  // a row lives in one set: no double counting
+  }
+  int64_t* clk = const_cast<int64_t*>(w.clk);
+  for (int64_t g = 0; g < w.G; ++g) clk[g] += w.bnd[g + 1] - w.bnd[g];
+  std::vector<int64_t> wb_slots, wb_rows, fill_slots, fill_rows;
+  for (int64_t i = 0; i < n; ++i) {
+    if (evicted[i] >= 0) {
+      wb_slots.push_back(slot[i]);
+      wb_rows.push_back(evicted[i]);
+    }
+    if (filled[i]) {
+      fill_slots.push_back(slot[i]);
+      fill_rows.push_back(w.loc.row[i]);
+    }
+  }
+  auto stats = torch::empty({2}, torch::kInt64);
+  stats.data_ptr<int64_t>()[0] = touched;
+  stats.data_ptr<int64_t>()[1] = uncached;
+  return {slots, to_tensor(wb_slots), to_tensor(wb_rows), to_tensor(fill_slots), to_tensor(fill_rows), stats};
+}
+
+}  // namespace mpc_cache
+
+// Admission/eviction for one training batch (ids and bounds as in locate()). Updates
+// tags/times/counts/clocks/counters and the derived structures in place and, when
+// rowdata = [storage, cache_weights], moves the rows of each event. Returns [slots (n):
+// each id's row's slot after the walk, or -1; writeback_slots, writeback_rows,
+// fill_slots, fill_rows (access order); stats (2): distinct cached rows accessed,
+// distinct rows left uncached].
+std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor table_bounds, torch::Tensor bounds,
+                                         torch::Tensor geometry, torch::Tensor table_offsets, int64_t policy,
+                                         std::vector<torch::Tensor> state, std::vector<torch::Tensor> derived,
+                                         std::vector<torch::Tensor> rowdata, int64_t precision, bool stochastic,
+                                         int64_t step_key, int64_t purpose) {
+  using namespace mpc_cache;
+  CacheArrays a = arrays(geometry, policy, state, derived);
+  TORCH_CHECK(state.size() == 5, "cache_prepare: state is [tags, times, lfu_counts, clocks, counters]");
+  const int64_t n = indices.numel(), G = geometry.size(0), T = table_offsets.numel() - 1;
+  torch::Tensor clocks = state[3], counters = state[4];
+  check_i64(clocks, "clocks");
+  check_i64(counters, "counters");
+  TORCH_CHECK(clocks.numel() == G && counters.numel() == T * kCounterFields,
+              "clocks/counters have the wrong sizes");
+  const int nt = std::min(omp_get_max_threads(), 255);
+  Located loc = locate(indices, table_bounds, table_offsets, bounds, geometry, nt);
+  RowData rd = row_data(rowdata, precision, stochastic, step_key, purpose, state[0].numel(),
+                        table_offsets.data_ptr<int64_t>()[T]);
+  int64_t* clk = clocks.data_ptr<int64_t>();
+  Walk w{loc, a, rd, geometry.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(), table_offsets.data_ptr<int64_t>(),
+         clk, n, G, T};
+  auto slots = torch::empty({n}, torch::kInt64);
+  std::vector<int64_t> evicted(n);
+  std::vector<uint8_t> filled(n);
+  std::vector<Results> res(nt);
+  int used = 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nthreads = omp_get_num_threads();
+    Results& out = res[tid];
+    if (tid == 0) {
+      used = nthreads;
+      out.slot = slots.data_ptr<int64_t>();
+      out.evicted = evicted.data();
+      out.filled = filled.data();
+    } else {
+      out.slot_buf.resize(n);
+      out.evicted_buf.resize(n);
+      out.filled_buf.resize(n);
+      out.slot = out.slot_buf.data();
+      out.evicted = out.evicted_buf.data();
+      out.filled = out.filled_buf.data();
+    }
+    out.counters.assign(T * kCounterFields, 0);
+    if (policy == kLRU) walk<kLRU>(w, out, tid, nthreads);
+    else walk<kLFU>(w, out, tid, nthreads);
+  }
+  return finish(w, res, used, slots, evicted, filled, counters);
+}
+
+// Slot of each id's row, or -1 (eval lookups). Reads only.
+torch::Tensor cache_probe(torch::Tensor indices, torch::Tensor table_bounds, torch::Tensor bounds,
+                          torch::Tensor geometry, torch::Tensor table_offsets, int64_t policy,
+                          std::vector<torch::Tensor> state, std::vector<torch::Tensor> derived) {
+  using namespace mpc_cache;
+  CacheArrays a = arrays(geometry, policy, state, derived);
+  Located loc = locate(indices, table_bounds, table_offsets, bounds, geometry);
+  const int64_t n = indices.numel();
+  const int64_t* geo = geometry.data_ptr<int64_t>();
+  auto slots = torch::empty({n}, torch::kInt64);
+  int64_t* out = slots.data_ptr<int64_t>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* g = geo + loc.group[i] * kGeomFields;
+    int32_t w = find(set_ref(a, g, loc.set[i]), loc.row[i]);
+    out[i] = w < 0 ? -1 : g[kSlotOffset] + loc.set[i] * g[kWays] + w;
+  }
+  return slots;
+}
+
+// Rebuilds the derived structures (slot counts; index, order and set state of the
+// structured sets) from tags, times and counts, after a state_dict load or after the
+// Python fallback ran. Checks that every set's filled ways are a prefix.
+void cache_rebuild(torch::Tensor geometry, int64_t policy, std::vector<torch::Tensor> state,
+                   std::vector<torch::Tensor> derived) {
+  using namespace mpc_cache;
+  CacheArrays a = arrays(geometry, policy, state, derived);
+  const int64_t G = geometry.size(0);
+  const int64_t* geo = geometry.data_ptr<int64_t>();
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t* g = geo + gi * kGeomFields;
+    int64_t bad_set = -1;
+#pragma omp parallel for schedule(dynamic, 64) reduction(max : bad_set)
+    for (int64_t k = 0; k < g[kNSets]; ++k) {
+      SetRef s = set_ref(a, g, k);
+      int32_t fill = 0;
+      while (fill < s.ways && s.tags[fill] >= 0) ++fill;
+      for (int32_t w = fill; w < s.ways; ++w) {
+        if (s.tags[w] >= 0) bad_set = std::max(bad_set, k);
+      }
+      if (s.counts) {
+        for (int32_t w = 0; w < s.ways; ++w) s.counts[w] = w < fill ? a.row_counts[s.tags[w]] : 0;
+      }
+      if (s.mask < 0) continue;  // a scan set keeps nothing else
+      s.state[0] = fill;
+      std::fill(s.index, s.index + s.mask + 1, -1);
+      for (int32_t w = 0; w < fill; ++w) index_insert(s, w);
+      std::vector<int32_t> ways(fill);
+      std::iota(ways.begin(), ways.end(), 0);
+      for (int32_t w = 0; w < s.ways; ++w) s.order[2 * w] = s.order[2 * w + 1] = -1;
+      if (policy == kLRU) {
+        std::sort(ways.begin(), ways.end(), [&](int32_t x, int32_t y) { return s.times[x] > s.times[y]; });
+        s.state[1] = s.state[2] = -1;
+        for (int32_t i = fill - 1; i >= 0; --i) lru_push_front(s, ways[i]);
+      } else {
+        // A sorted array is a valid min-heap.
+        std::sort(ways.begin(), ways.end(), [&](int32_t x, int32_t y) { return lfu_less(s, x, y); });
+        for (int32_t i = 0; i < fill; ++i) heap_place(s, i, ways[i]);
+      }
+    }
+    TORCH_CHECK(bad_set < 0, "cache state: set ", bad_set, " of group ", gi,
+                " has a filled way after an empty one");
+  }
+}

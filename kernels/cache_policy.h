@@ -1,0 +1,342 @@
+// The FP32 cache's admission/eviction policy for one access to one cache set (MPC,
+// PAPERS.md §1; semantics defined in mpc/embedding/cache_reference.py). Shared by the
+// C++ kernel (kernels/cache_cpu.cpp) and the CUDA kernel (kernels/cache.cu): no torch
+// headers, plain pointers, __host__ __device__ under nvcc.
+//
+// Per set (W ways, slots base..base+W-1): tags (row or -1) and times (last access);
+// under LFU also slot_counts, the count of each way's row (a copy of counts[row] kept
+// in step, so that choosing a victim never reads the per-row array). Ways fill in
+// order 0, 1, 2, ... and are never emptied, so the lowest empty way is the first -1.
+// Two regimes, chosen per group by its associativity:
+//   scan (W <= kScanWays, e.g. the default 32 ways): lookup and victim search scan the
+//          set's few adjacent cache lines; nothing else is stored.
+//   structured (larger W, e.g. a fully associative table): O(1) lookup through a hash
+//          index (H = pow2 >= 2W int32 entries, linear probing, holding ways), and
+//          order = 2 int32 per way: LRU: [prev, next] of a most-recent-first list
+//          (victim = tail); LFU: [heap[k], pos[way]] of a binary min-heap on (count,
+//          time) (victim = heap[0]); state = [fill, head, tail] (LRU) or [fill] (LFU).
+// Keys never tie (times are unique per group), so the victim does not depend on how a
+// structure was built: a rebuilt set behaves exactly as the original.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define MPC_CACHE_HD __host__ __device__ __forceinline__
+#else
+#define MPC_CACHE_HD inline
+#endif
+
+namespace mpc_cache {
+
+constexpr int32_t kLRU = 0;
+constexpr int32_t kLFU = 1;
+constexpr int32_t kCountMax = 2147483647;
+constexpr int32_t kScanWays = 32;  // = mpc.embedding.cache.SCAN_WAYS
+
+// Columns of the (G, kGeomFields) int64 geometry tensor, one row per cache group.
+// index_size 0 marks a scan group; order/state offsets count structured slots/sets.
+enum GeomField : int {
+  kFirstRow = 0, kRows, kWays, kNSets, kSlotOffset, kSetOffset, kIndexOffset, kIndexSize, kOrderOffset,
+  kStateOffset, kGeomFields
+};
+// Columns of the (T, kCounterFields) int64 counters tensor.
+enum CounterField : int { kLookups = 0, kHits, kMisses, kFills, kEvictions, kCounterFields };
+
+// lowbias32, identical to mpc.embedding.rng.mix32: the set of row r is mix32(r) % nsets.
+MPC_CACHE_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// splitmix64's finalizer: the home bucket in a set's index (independent of the set hash).
+MPC_CACHE_HD uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return x;
+}
+
+// One set's arrays, already offset to the set.
+struct SetRef {
+  int64_t* tags;    // [W]
+  int64_t* times;   // [W]
+  int32_t* counts;  // [W] slot_counts (LFU), else nullptr
+  int32_t* order;   // [2W] structured only
+  int32_t* state;   // [3] LRU or [1] LFU, structured only
+  int32_t* index;   // [H] structured only
+  int32_t ways;
+  int32_t mask;     // H - 1; -1 for a scan set
+};
+
+// All sets' arrays (flat, every group) and the per-set state width (3 LRU, 1 LFU).
+struct CacheArrays {
+  int64_t* tags;
+  int64_t* times;
+  int32_t* row_counts;   // LFU counts per global row (unused under LRU)
+  int32_t* slot_counts;  // LFU counts per slot (nullptr under LRU)
+  int32_t* order;
+  int32_t* state;
+  int32_t* index;
+  int64_t state_stride;
+};
+
+// The arrays of set `local_set` of the group whose geometry row is `g`.
+MPC_CACHE_HD SetRef set_ref(const CacheArrays& a, const int64_t* g, int64_t local_set) {
+  const int64_t W = g[kWays], base = g[kSlotOffset] + local_set * W;
+  SetRef s;
+  s.tags = a.tags + base;
+  s.times = a.times + base;
+  s.counts = a.slot_counts ? a.slot_counts + base : nullptr;
+  s.ways = (int32_t)W;
+  if (g[kIndexSize] == 0) {
+    s.order = s.state = s.index = nullptr;
+    s.mask = -1;
+  } else {
+    s.order = a.order + 2 * (g[kOrderOffset] + local_set * W);
+    s.state = a.state + (g[kStateOffset] + local_set) * a.state_stride;
+    s.index = a.index + g[kIndexOffset] + local_set * g[kIndexSize];
+    s.mask = (int32_t)(g[kIndexSize] - 1);
+  }
+  return s;
+}
+
+// Ask for the cache lines an access to `row` in set s will touch (CPU only): the set's
+// tags and times (and slot counts), or the index bucket of a structured set, and the
+// row's LFU count. The batch is known up front, so prefetching a few accesses ahead
+// overlaps their memory latency.
+MPC_CACHE_HD void prefetch_set(const SetRef& s, const int32_t* row_counts, int64_t row) {
+#if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
+  const int64_t bytes = (int64_t)s.ways * 8;
+  if (s.mask < 0) {
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(s.tags) + b, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(s.times) + b, 1, 3);
+    }
+    if (s.counts) __builtin_prefetch(s.counts, 1, 3);
+  } else {
+    __builtin_prefetch(s.index + ((int32_t)(mix64((uint64_t)row) >> 32) & s.mask), 0, 3);
+  }
+  if (row_counts) __builtin_prefetch(row_counts + row, 1, 3);
+#endif
+}
+
+// Largest g < G with bounds[g] <= i: the group of access i (bounds: G+1, last = n > i).
+MPC_CACHE_HD int64_t group_of(const int64_t* bounds, int64_t G, int64_t i) {
+  int64_t lo = 0, hi = G;
+  while (hi - lo > 1) {
+    int64_t mid = (lo + hi) / 2;
+    if (bounds[mid] <= i) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Table of a global row (table_offsets: T+1 row offsets).
+MPC_CACHE_HD int64_t table_of(const int64_t* toff, int64_t T, int64_t row) {
+  int64_t lo = 0, hi = T;
+  while (hi - lo > 1) {
+    int64_t mid = (lo + hi) / 2;
+    if (toff[mid] <= row) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+struct AccessResult {
+  int32_t way;       // -1: not cached (not admitted)
+  int64_t evicted;   // row written back, or -1
+  bool hit;
+  bool filled;
+  bool first_touch;  // first access to this slot in this prepare call
+};
+
+MPC_CACHE_HD int32_t home(const SetRef& s, int64_t row) {
+  return (int32_t)(mix64((uint64_t)row) >> 32) & s.mask;
+}
+
+// Way holding `row`, or -1. A scan stops at the first empty way (the rest are empty).
+MPC_CACHE_HD int32_t find(const SetRef& s, int64_t row) {
+  if (s.mask < 0) {
+    for (int32_t w = 0; w < s.ways; ++w) {
+      if (s.tags[w] == row) return w;
+      if (s.tags[w] < 0) return -1;
+    }
+    return -1;
+  }
+  // Terminates: H >= 2W > fill, so some entry is empty.
+  for (int32_t j = home(s, row);; j = (j + 1) & s.mask) {
+    int32_t w = s.index[j];
+    if (w < 0) return -1;
+    if (s.tags[w] == row) return w;
+  }
+}
+
+MPC_CACHE_HD void index_insert(const SetRef& s, int32_t way) {
+  int32_t j = home(s, s.tags[way]);
+  while (s.index[j] >= 0) j = (j + 1) & s.mask;
+  s.index[j] = way;
+}
+
+// Backward-shift deletion (no tombstones): entries after the hole move back when their
+// home is not cyclically within (hole, j]. tags[] must still hold every key, `row` too.
+MPC_CACHE_HD void index_erase(const SetRef& s, int64_t row) {
+  int32_t i = home(s, row);
+  while (s.tags[s.index[i]] != row) i = (i + 1) & s.mask;
+  for (int32_t j = (i + 1) & s.mask; s.index[j] >= 0; j = (j + 1) & s.mask) {
+    int32_t k = home(s, s.tags[s.index[j]]);
+    bool stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
+    if (!stays) {
+      s.index[i] = s.index[j];
+      i = j;
+    }
+  }
+  s.index[i] = -1;
+}
+
+// --- LRU: doubly linked list, most recent first --------------------------------------
+MPC_CACHE_HD void lru_unlink(const SetRef& s, int32_t w) {
+  int32_t p = s.order[2 * w], n = s.order[2 * w + 1];
+  if (p >= 0) s.order[2 * p + 1] = n; else s.state[1] = n;
+  if (n >= 0) s.order[2 * n] = p; else s.state[2] = p;
+}
+
+MPC_CACHE_HD void lru_push_front(const SetRef& s, int32_t w) {
+  int32_t h = s.state[1];
+  s.order[2 * w] = -1;
+  s.order[2 * w + 1] = h;
+  if (h >= 0) s.order[2 * h] = w; else s.state[2] = w;
+  s.state[1] = w;
+}
+
+// --- LFU: victim order on (count of the way's row, last-access time) ------------------
+MPC_CACHE_HD bool lfu_less(const SetRef& s, int32_t a, int32_t b) {
+  int32_t ca = s.counts[a], cb = s.counts[b];
+  return ca < cb || (ca == cb && s.times[a] < s.times[b]);
+}
+
+MPC_CACHE_HD void heap_place(const SetRef& s, int32_t k, int32_t w) {
+  s.order[2 * k] = w;
+  s.order[2 * w + 1] = k;
+}
+
+MPC_CACHE_HD void heap_sift_down(const SetRef& s, int32_t k) {
+  int32_t n = s.state[0], w = s.order[2 * k];
+  for (;;) {
+    int32_t c = 2 * k + 1;
+    if (c >= n) break;
+    if (c + 1 < n && lfu_less(s, s.order[2 * (c + 1)], s.order[2 * c])) ++c;
+    if (!lfu_less(s, s.order[2 * c], w)) break;
+    heap_place(s, k, s.order[2 * c]);
+    k = c;
+  }
+  heap_place(s, k, w);
+}
+
+MPC_CACHE_HD void heap_sift_up(const SetRef& s, int32_t k) {
+  int32_t w = s.order[2 * k];
+  while (k > 0) {
+    int32_t p = (k - 1) / 2;
+    if (!lfu_less(s, w, s.order[2 * p])) break;
+    heap_place(s, k, s.order[2 * p]);
+    k = p;
+  }
+  heap_place(s, k, w);
+}
+
+// Key of way w went up (it was accessed): restore the order of a structured set.
+template <int32_t Policy>
+MPC_CACHE_HD void touch(const SetRef& s, int32_t w) {
+  if (s.mask < 0) return;  // a scan set has no order to keep
+  if (Policy == kLRU) {
+    lru_unlink(s, w);
+    lru_push_front(s, w);
+  } else {
+    heap_sift_down(s, s.order[2 * w + 1]);
+  }
+}
+
+// Lowest empty way (-1 if the set is full).
+MPC_CACHE_HD int32_t empty_way(const SetRef& s) {
+  if (s.mask >= 0) return s.state[0] < s.ways ? s.state[0] : -1;
+  for (int32_t w = 0; w < s.ways; ++w) {
+    if (s.tags[w] < 0) return w;
+  }
+  return -1;
+}
+
+// The way with the smallest key of a full set.
+template <int32_t Policy>
+MPC_CACHE_HD int32_t victim(const SetRef& s) {
+  if (s.mask >= 0) return Policy == kLRU ? s.state[2] : s.order[0];
+  int32_t best = 0;
+  for (int32_t w = 1; w < s.ways; ++w) {
+    const bool less = Policy == kLRU ? s.times[w] < s.times[best] : lfu_less(s, w, best);
+    best = less ? w : best;
+  }
+  return best;
+}
+
+// Put `row` in way w (empty, or just emptied of its victim) at clock `now`.
+template <int32_t Policy>
+MPC_CACHE_HD void install(const SetRef& s, int32_t w, int64_t row, int64_t now, int32_t count, bool was_empty) {
+  s.tags[w] = row;
+  s.times[w] = now;
+  if (Policy == kLFU) s.counts[w] = count;
+  if (s.mask < 0) return;
+  index_insert(s, w);
+  if (!was_empty) {
+    touch<Policy>(s, w);  // its key grew: count >= the victim's, newest time
+    return;
+  }
+  int32_t k = s.state[0]++;
+  if (Policy == kLRU) {
+    lru_push_front(s, w);
+  } else {
+    heap_place(s, k, w);
+    heap_sift_up(s, k);
+  }
+}
+
+// One access of `row` at clock `now`; `start` is the group's clock before this prepare
+// call (a way with time > start was accessed in this call and must not be evicted).
+// row_counts: LFU counts of every row (unused under LRU).
+template <int32_t Policy>
+MPC_CACHE_HD AccessResult access(const SetRef& s, int32_t* row_counts, int64_t row, int64_t now, int64_t start) {
+  AccessResult res = {-1, -1, false, false, false};
+  int32_t count = 0;
+  if (Policy == kLFU) {
+    if (row_counts[row] < kCountMax) ++row_counts[row];
+    count = row_counts[row];
+  }
+  int32_t w = find(s, row);
+  if (w >= 0) {
+    res.first_touch = s.times[w] <= start;
+    s.times[w] = now;
+    if (Policy == kLFU) s.counts[w] = count;
+    touch<Policy>(s, w);
+    res.way = w;
+    res.hit = true;
+    return res;
+  }
+  w = empty_way(s);
+  const bool was_empty = w >= 0;
+  if (!was_empty) {
+    w = victim<Policy>(s);
+    if (s.times[w] > start) return res;                          // needed this step
+    if (Policy == kLFU && s.counts[w] > count) return res;      // hotter than row
+    res.evicted = s.tags[w];
+    if (s.mask >= 0) index_erase(s, res.evicted);
+  }
+  install<Policy>(s, w, row, now, count, was_empty);
+  res.way = w;
+  res.filled = true;
+  res.first_touch = true;
+  return res;
+}
+
+}  // namespace mpc_cache
