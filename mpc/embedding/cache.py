@@ -185,6 +185,10 @@ class FP32Cache(nn.Module):
         touched, uncached = out[5].tolist()
         return PrepareOutput(*out[:5], touched, uncached)
 
+    def count_traffic(self, out: PrepareOutput) -> None:
+        """Add one iteration's distinct uncached / cached rows to the traffic counters."""
+        self.traffic += torch.tensor([1, out.uncached, out.touched], dtype=torch.int64, device=self.traffic.device)
+
     def _prepare_reference(self, indices, offsets, storage, step) -> PrepareOutput:
         check_indices(indices, offsets, self.config.cardinalities)
         rows = global_rows(indices, offsets, self.table_starts)
@@ -267,8 +271,7 @@ class CachedQuantizedEmbeddingBag(QuantizedEmbeddingBag):
         except RuntimeError:
             check_indices(indices, offsets, self.config.cardinalities)  # a ValueError naming the id
             raise
-        self.cache.traffic += torch.tensor([1, out.uncached, out.touched], dtype=torch.int64,
-                                           device=self.cache.traffic.device)
+        self.cache.count_traffic(out)
         self._prepared = (indices, offsets, indices._version, offsets._version, out.slots)
 
     def slots_for(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:

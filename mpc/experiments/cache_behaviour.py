@@ -46,7 +46,7 @@ def simulate(cardinalities, stream: list[torch.Tensor], fraction: float, policy:
         if k == warmup:
             cache.counters.zero_()
             cache.traffic.zero_()
-        cache.prepare(*jagged_from_dense(cat))
+        cache.count_traffic(cache.prepare(*jagged_from_dense(cat)))
     counters = cache.counters.numpy()
     lookups, hits = counters[:, COUNTER_NAMES.index("lookups")], counters[:, COUNTER_NAMES.index("hits")]
     stats = cache_stats(cache, row_bytes=config.precision.row_bytes(config.dim))
