@@ -11,24 +11,35 @@ there with the same config is reused, so a notebook re-run does not retrain.
     scale_period_variants()           DQRM INT4 with scale periods 1, 200, 500
     epoch_comparison()                FP32 vs DQRM INT4 over several epochs (overfitting claim)
     communication_runs()              data-parallel none / sparse / sparse-int8 (2 local ranks)
+    mpc_variants()                    MPC's cached low-precision tables (for the combined table)
 
-Tables: `bits_table`, `full_model_table`, `scale_period_table`, `epoch_curves`,
-`communication_table`, `size_table`, `combined_table`; each puts the paper's figure
-(mpc/paper_numbers.json) beside ours where the paper has one.
+    timing (interleaved training steps on the data's own batches, one process)
+    time_variants()                   any variants, e.g. FP32 vs MPC vs DQRM
+    scale_period_timing()             DQRM with each scale period (and FP32)
+
+Run JSONs are named `<variant>-<config hash>.json`, so one folder holds every run and a
+run with the same config under another name (e.g. "qat emb int4" and "dqrm int4 mlp
+fp32") is trained once. Tables: `bits_table`, `full_model_table`, `scale_period_table`,
+`epoch_curves`, `communication_table`, `size_table`, `combined_table`; each puts the
+paper's figure (mpc/paper_numbers.json) beside ours where the paper has one, and
+`seed_summary` averages a table over seeds. The claims of the report (mpc.report) are
+worded from these tables by mpc.dqrm_claims.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from mpc.criteo import BOTTOM_MLP, KAGGLE_CARDINALITIES, TOP_MLP
-from mpc.embedding import EmbeddingConfig
+from mpc.embedding import CacheConfig, EmbeddingConfig
 from mpc.embedding.config import Precision
 from mpc.grad_exchange import DistributedConfig, GradCompression, analytic_bytes
 from mpc.qat_export import model_bytes
@@ -72,9 +83,14 @@ def embedding_bits_variants(bits=(16, 8, 4), scale_period: int = 200) -> list[Va
         Variant(f"qat emb int{b}", qat_embedding(b, scale_period)) for b in bits]
 
 
-def full_model_variants(bits: int = 4, scale_period: int = 200, ptq_granularity: str = "row") -> list[Variant]:
-    return [Variant("fp32", EmbeddingConfig(kind="fp32")),
-            Variant(f"ptq int{bits}", ptq_embedding(bits, ptq_granularity), mlp_bits=bits),
+def full_model_variants(bits: int = 4, scale_period: int = 200,
+                        ptq_granularity: str | tuple[str, ...] = "row") -> list[Variant]:
+    """FP32, post-training INT-b (one run per granularity; named "ptq int4 (row)" etc.
+    when there are several), DQRM INT-b, and DQRM's tables with an FP32 MLP."""
+    grans = (ptq_granularity,) if isinstance(ptq_granularity, str) else tuple(ptq_granularity)
+    ptq = [Variant(f"ptq int{bits}" + (f" ({g})" if len(grans) > 1 else ""), ptq_embedding(bits, g), mlp_bits=bits)
+           for g in grans]
+    return [Variant("fp32", EmbeddingConfig(kind="fp32")), *ptq,
             Variant(f"dqrm int{bits}", qat_embedding(bits, scale_period), mlp_bits=bits),
             Variant(f"dqrm int{bits} mlp fp32", qat_embedding(bits, scale_period))]
 
@@ -83,24 +99,69 @@ def scale_period_variants(periods=(1, 200, 500), bits: int = 4) -> list[Variant]
     return [Variant(f"dqrm int{bits} period {p}", qat_embedding(bits, p), mlp_bits=bits) for p in periods]
 
 
+def mpc_variants(specs=("int8+5%lru", "int4+1%lru")) -> list[Variant]:
+    """MPC's low-precision tables with an FP32 cache, from specs such as "int8+5%lru"
+    (mpc.experiments.setup.parse_config), named "mpc <spec>"; MLP in FP32 as in MPC."""
+    from mpc.experiments.setup import config_label, parse_config
+
+    return [Variant(f"mpc {config_label(parse_config(s))}", parse_config(s)) for s in specs]
+
+
 # --- running ------------------------------------------------------------------------------
+
+def config_hash(config: TrainConfig) -> str:
+    """A short digest of everything that defines a run (its config as JSON)."""
+    text = json.dumps(config.to_json(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+def _reusable(out_dir: Path, config: TrainConfig) -> dict | None:
+    """A run JSON in out_dir made with exactly this config (under any variant name)."""
+    wanted = json.loads(json.dumps(config.to_json()))
+    for path in sorted(out_dir.glob(f"*-{config_hash(config)}.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):   # a foreign or damaged file: train again
+            continue
+        if rec.get("config") == wanted:
+            return rec
+    return None
+
+
+def _as_recorded(config: TrainConfig) -> TrainConfig:
+    """The config as a run records it: the tables sized by the data's cardinalities."""
+    from mpc.data.format import Dataset
+
+    cards = tuple(Dataset.open(config.data).cardinalities)
+    return dataclasses.replace(config, embedding=config.embedding.replace(cardinalities=cards))
+
 
 def run_variants(base: TrainConfig, variants: list[Variant], out_dir: str | Path, *,
                  reuse: bool = True) -> dict[str, dict]:
-    """Train each variant (or reuse out_dir/<name>.json made with the same config)."""
+    """Train each variant into out_dir/<name>-<config hash>.json, or reuse a JSON there
+    made with the same config (under any name; `reuse=False` retrains all)."""
     out_dir = Path(out_dir)
     results = {}
     for v in variants:
-        config = v.config(base)
-        path = out_dir / f"{v.name.replace(' ', '_')}.json"
-        if reuse and path.is_file():
-            rec = json.loads(path.read_text())
-            if rec.get("config") == json.loads(json.dumps(config.to_json())):
-                results[v.name] = rec
-                continue
-        log.info("training %s", v.name)
-        results[v.name] = run(config, path)
+        config = _as_recorded(v.config(base))
+        rec = _reusable(out_dir, config) if reuse else None
+        if rec is None:
+            log.info("training %s", v.name)
+            rec = run(config, out_dir / f"{_slug(v.name)}-{config_hash(config)}.json")
+        results[v.name] = rec
     return results
+
+
+def run_seeds(base: TrainConfig, variants: list[Variant], out_dir: str | Path, seeds=(0,),
+              reuse: bool = True) -> dict[int, dict[str, dict]]:
+    """run_variants once per seed (weights, data order, rounding): {seed: {name: record}}."""
+    return {s: run_variants(dataclasses.replace(base, seed=s,
+                                                embedding=base.embedding.replace(seed=s)),
+                            variants, out_dir, reuse=reuse) for s in seeds}
 
 
 def epoch_comparison(base: TrainConfig, out_dir: str | Path, epochs: int = 5, bits: int = 4,
@@ -122,11 +183,113 @@ def communication_runs(base: TrainConfig, world_size: int = 2,
     return dict(zip(modes, run_local(jobs, world_size=world_size)))
 
 
+def _train_batches(base: TrainConfig, steps: int) -> tuple[tuple[int, ...], list]:
+    """(the data's cardinalities, `steps` training batches of base.data as jagged tuples)."""
+    from mpc.data.format import Dataset
+    from mpc.data.loader import BatchLoader
+    from mpc.embedding import jagged_from_dense
+
+    ds = Dataset.open(base.data)
+    cards = tuple(ds.cardinalities)
+    loader = BatchLoader(ds.split("train"), cards, base.batch_size, shuffle=True, seed=base.seed,
+                         limit=steps * base.batch_size, source=str(ds.folder))
+    batches = [(b.dense, *jagged_from_dense(b.cat), b.label) for b in loader.batches(0)]
+    return cards, (batches * -(-steps // len(batches)))[:steps]   # a small split is cycled
+
+
+def time_variants(base: TrainConfig, variants: list[Variant], steps: int = 100, rounds: int = 4) -> dict:
+    """Seconds per training step of each variant, timed by mpc.bench.qat.time_qat_steps on
+    the training batches of base.data (its tables, batch size, lr, kernels): `rounds`
+    rounds of `steps` batches, the variants interleaved in each round (so a burst of load
+    from elsewhere hits all alike), every variant training the same rounds x steps
+    distinct batches in the same order. Returns a record shaped like `python -m mpc
+    bench qat`'s."""
+    from mpc.bench.qat import time_qat_steps
+
+    cards, batches = _train_batches(base, steps * rounds)
+    configs = {v.name: v.config(base).embedding.replace(cardinalities=cards) for v in variants}
+    sec = time_qat_steps(configs, base.batch_size, steps, rounds, {v.name: v.mlp_bits for v in variants},
+                         lr=base.lr, seed=base.seed, batches=batches)
+    params = {"data": str(base.data), "rows": sum(cards), "batch_size": base.batch_size, "steps": steps,
+              "rounds": rounds, "variants": [v.name for v in variants],
+              "use_kernels": base.embedding.use_kernels}
+    return {"benchmark": "time_variants", "params": params, "results": {"seconds_per_step": sec}}
+
+
+def scale_period_timing(base: TrainConfig, periods=(1, 200, 500), bits: int = 4, mlp_bits: int = 4,
+                        rounds: int = 10, min_steps: int = 1000, naive: bool = False) -> dict:
+    """Seconds per training step of DQRM INT-b for each scale period ("qat period N"),
+    and of FP32, by `time_variants`. Every configuration runs a multiple of every period
+    in total (at least min_steps), so all pay for the same number of scale
+    recomputations per step. naive: also whole-table fake quantization every step
+    ("qat naive"). `scale_period_table` reads the record."""
+    from mpc.errors import UserError
+
+    lcm = math.lcm(*periods)
+    total = lcm * max(1, math.ceil(min_steps / lcm))
+    if total % rounds:
+        raise UserError(f"timing rounds ({rounds}) must divide the {total} timed steps (a multiple of "
+                        f"every scale period)")
+    variants = [Variant("fp32", EmbeddingConfig(kind="fp32"))]
+    if naive:
+        variants.append(Variant("qat naive", qat_embedding(bits, 1, looked_up_only=False), mlp_bits))
+    variants += [Variant(f"qat period {p}", qat_embedding(bits, p), mlp_bits) for p in periods]
+    rec = time_variants(base, variants, total // rounds, rounds)
+    rec["params"].update(bits=bits, mlp_bits=mlp_bits, periods=list(periods))
+    return rec
+
+
 # --- tables -------------------------------------------------------------------------------
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Standard error of an AUC from its value and class counts (Hanley & McNeil, 1982).
+
+    A yardstick for "is this difference noise": the difference of two AUCs on one test
+    set has at most about sqrt(2) times this error (less, since the sets are shared).
+    """
+    if positives < 1 or negatives < 1 or not 0 < auc < 1:
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc)
+           + (negatives - 1) * (q2 - auc * auc)) / (positives * negatives)
+    return math.sqrt(max(var, 0.0))
+
 
 def _metrics(rec: dict) -> dict:
     t = rec["test"]
-    return {"test_auc": t["auc"], "test_accuracy": 100 * t["accuracy"], "test_logloss": t["logloss"]}
+    pos = round(t["samples"] * t["ctr"]) if "samples" in t else 0
+    return {"test_auc": t["auc"], "test_accuracy": 100 * t["accuracy"], "test_logloss": t["logloss"],
+            "test_auc_se": auc_standard_error(t["auc"], pos, t.get("samples", 0) - pos),
+            "test_samples": t.get("samples")}
+
+
+METRICS = ("test_auc", "test_accuracy", "test_logloss")
+
+
+def seed_summary(tables: dict[int, pd.DataFrame], key: str = "run") -> pd.DataFrame:
+    """One table from one per seed: numbers averaged over seeds (first row order kept),
+    `<metric>_std` the spread of the test metrics across seeds (NaN for one seed)."""
+    frames = list(tables.values())
+    if len(frames) == 1:
+        out = frames[0].copy()
+        for m in METRICS:
+            if m in out:
+                out[f"{m}_std"] = float("nan")
+        out["seeds"] = 1
+        return out
+    both = pd.concat(frames, ignore_index=True)
+    order = list(dict.fromkeys(frames[0][key]))
+    numeric = [c for c in both.columns if c != key and pd.api.types.is_numeric_dtype(both[c])]
+    out = both.groupby(key, sort=False)[numeric].mean()
+    for m in METRICS:
+        if m in both:
+            out[f"{m}_std"] = both.groupby(key, sort=False)[m].std()
+    out["seeds"] = both.groupby(key, sort=False).size()
+    other = [c for c in frames[0].columns if c != key and c not in numeric]
+    if other:
+        out = out.join(frames[0].set_index(key)[other])
+    return out.loc[order].reset_index()[[key] + [c for c in frames[0].columns if c != key]
+                                        + [c for c in out.columns if c not in frames[0].columns]]
 
 
 def _bits(rec: dict) -> int:
@@ -225,6 +388,11 @@ def epoch_curves(results: dict[str, dict]) -> pd.DataFrame:
     if len(df):
         best = df.loc[df.groupby("run")["val_auc"].idxmax(), ["run", "epoch"]]
         df["best_epoch"] = df["run"].map(dict(zip(best["run"], best["epoch"])))
+        # the paper's INT4 test AUC after as many epochs (Kaggle), beside our INT4 run
+        ref = {r["epochs"]: r["auc"] for r in paper()["kaggle_int4_by_epoch"]}
+        int4 = {name for name, rec in results.items()
+                if rec["config"]["embedding"]["kind"] == "qat" and _bits(rec) == 4}
+        df["paper_int4_auc"] = [ref.get(e) if r in int4 else None for r, e in zip(df["run"], df["epoch"])]
     return df
 
 
@@ -282,11 +450,54 @@ def size_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def combined_table(results: dict[str, dict]) -> pd.DataFrame:
-    """One row per run (e.g. FP32, MPC INT8 + 5% cache, DQRM INT4): metrics, bytes, speed."""
+def kaggle_bytes(rec: dict) -> tuple[int, int]:
+    """(bytes of the tables while training, bytes of the trained model as served) of a
+    run's method at full Kaggle size (26 tables, 33.8M rows, dim 16, the reference MLPs).
+
+    fp32 / int8 / int4 (+ cache): mpc.memory.memory_row, every byte the backend holds;
+    served: the tables without cache (flushed) + FP32 MLP. qat: FP32 masters + one scale
+    per table while training, served as mpc.qat_export stores it. ptq: trained in FP32,
+    served as `_model_sizes` counts it.
+    """
+    from mpc.memory import memory_row
+
+    emb = EmbeddingConfig(**{**rec["config"]["embedding"], "cardinalities": KAGGLE_CARDINALITIES})
+    params, _ = kaggle_mlp_sizes()
+    fp32_tables = memory_row(KAGGLE_CARDINALITIES, emb.dim, Precision.FP32, CacheConfig())["total_bytes"]
+    if emb.kind == "qat":
+        served = model_bytes(KAGGLE_CARDINALITIES, emb.dim, BOTTOM_MLP, TOP_MLP, _bits(rec),
+                             rec["config"].get("mlp_bits", 32))
+        return fp32_tables + 4 * len(KAGGLE_CARDINALITIES), sum(served.values())
+    if emb.kind == "ptq":
+        return fp32_tables, _model_sizes(rec)[1]
+    training = memory_row(KAGGLE_CARDINALITIES, emb.dim, emb.precision, emb.cache)["total_bytes"]
+    served = memory_row(KAGGLE_CARDINALITIES, emb.dim, emb.precision, CacheConfig())["total_bytes"]
+    return training, served + 4 * params
+
+
+def combined_table(results: dict[str, dict], timing: dict | None = None) -> pd.DataFrame:
+    """One row per run (e.g. FP32, MPC INT8 + 5% cache, DQRM INT4): test metrics, the
+    tables' bytes while training and the served model's bytes at full Kaggle size (and
+    the run's own tables), training speed (samples/s of the run; with `timing`, a
+    `time_variants` record of the same names, its interleaved ms/step), cache hit rate."""
     rows = []
     for name, rec in results.items():
+        train_b, served_b = kaggle_bytes(rec)
         rows.append({"run": name, "embedding": rec["config"]["embedding"]["kind"], **_metrics(rec),
+                     "kaggle_training_tables_gb": train_b / 1e9, "kaggle_served_model_gb": served_b / 1e9,
                      "embedding_bytes_while_training": rec["embedding_total_bytes"],
-                     "samples_per_second": rec["samples_per_second"], "epochs": rec["config"]["epochs"]})
-    return pd.DataFrame(rows)
+                     "samples_per_second": rec["samples_per_second"],
+                     "cache_hit_rate": rec["embedding_stats"].get("hit_rate"), "epochs": rec["config"]["epochs"]})
+    df = pd.DataFrame(rows)
+    fp32 = df.loc[df.embedding == "fp32"]
+    if len(fp32):
+        ref = fp32.iloc[0]
+        df["training_memory_vs_fp32"] = ref["kaggle_training_tables_gb"] / df["kaggle_training_tables_gb"]
+        df["served_size_vs_fp32"] = ref["kaggle_served_model_gb"] / df["kaggle_served_model_gb"]
+        df["speed_vs_fp32"] = df["samples_per_second"] / ref["samples_per_second"]
+    if timing is not None:
+        sec = timing["results"]["seconds_per_step"]
+        df["timed_ms_per_step"] = df["run"].map(lambda r: 1e3 * sec[r] if r in sec else None)
+        if len(fp32) and fp32.iloc[0]["run"] in sec:
+            df["timed_speed_vs_fp32"] = 1e3 * sec[fp32.iloc[0]["run"]] / df["timed_ms_per_step"]
+    return df

@@ -27,7 +27,7 @@ from mpc.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("weights", "values", "scale_bias", "cache_values", "cache_tags", "cache_policy_state",
+COMPONENTS = ("weights", "values", "scale_bias", "step_counter", "cache_values", "cache_tags", "cache_policy_state",
               "lfu_counts", "cache_bookkeeping")
 INT64, INT32, FP32 = 8, 4, 4
 
@@ -47,7 +47,7 @@ def memory_breakdown(cardinalities, dim: int, precision: Precision | str,
         if cache.fraction > 0:
             raise UserError("fp32 tables have no FP32 cache (cache fraction must be 0 for fp32)")
         return {"weights": rows * dim * FP32}
-    out = quant.values_bytes(precision, rows, dim)
+    out = {**quant.values_bytes(precision, rows, dim), "step_counter": INT64}  # the rounding stream's step
     if cache.fraction == 0:
         return out
     layout = cache_layout(cards, cache)
@@ -60,8 +60,8 @@ def memory_breakdown(cardinalities, dim: int, precision: Precision | str,
     out["lfu_counts"] = rows * INT32 if lfu else 0
     out["cache_bookkeeping"] = (groups * INT64 + len(cards) * len(COUNTER_NAMES) * INT64
                                 + len(TRAFFIC_FIELDS) * INT64 + groups * len(GEOMETRY_FIELDS) * INT64
-                                + (len(cards) + 1) * INT64 + INT64)  # clocks, counters, traffic,
-    return out                                                       # geometry, table starts, step
+                                + (len(cards) + 1) * INT64)  # clocks, counters, traffic, geometry,
+    return out                                               # table starts
 
 
 def paper_reduction(precision: Precision | str, fraction: float) -> float:
@@ -212,7 +212,7 @@ def format_report(rows: list[dict], cards, args) -> str:
         table.append([r["precision"], f"{r['cache_fraction'] * 100:g}%", _mb(values), _mb(c.get("scale_bias", 0)),
                       _mb(c.get("cache_values", 0)), _mb(c.get("cache_tags", 0)),
                       _mb(c.get("cache_policy_state", 0)), _mb(c.get("lfu_counts", 0)),
-                      _mb(c.get("cache_bookkeeping", 0)), _mb(r["total_bytes"]), f"{r['total_bytes']:,}",
+                      _mb(c.get("cache_bookkeeping", 0) + c.get("step_counter", 0)), _mb(r["total_bytes"]), f"{r['total_bytes']:,}",
                       f"{r['reduction_paper_formula']:.2f}", f"{r['reduction_full_accounting']:.2f}"])
     widths = [max(len(cols[k]), *(len(row[k]) for row in table)) for k in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]

@@ -17,6 +17,21 @@ from mpc.errors import UserError
 PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
         "01_memory_reduction": {"MEASURE_SCALE": 0.001},
+        "02_accuracy": {"DATA": "synthetic:tiny", "SAMPLES": 20_000, "SEEDS": [0, 1], "EVAL_EVERY": 50,
+                        "EVAL_SAMPLES": 2_000, "CONFIGS": ["fp32", "int8", "int8+5%lru", "int4+1%lfu"]},
+        "03_speedup": {"DATA": "synthetic:tiny", "SAMPLES": 20_000, "BENCH_TABLES": "0.001",
+                       "CONFIGS": ["fp32", "int8+5%lru"], "BATCH_SIZES": [128], "STEPS": 3, "REPEATS": 2,
+                       "LOOKUP_PRECISIONS": ["int8"], "LOOKUP_ROUNDS": 5, "TRAFFIC_BATCHES": 40,
+                       "TRAFFIC_WARMUP": 10, "TRAFFIC_CONFIGS": [["int8", 0.05, "lru"]]},
+        "04_cache_behaviour": {"DATA": "synthetic:tiny", "SAMPLES": 20_000, "BATCH_SIZE": 256, "BATCHES": 40,
+                               "WARMUP": 8, "FRACTIONS": [0.01, 0.05, 0.2], "ASSOC_WAYS": [1, 8, 0],
+                               "ZIPF_ROWS": 5_000, "ZIPF_EXPONENTS": [0.8, 1.2]},
+        "05_dqrm": {"DATA": "synthetic:tiny", "SAMPLES": 20_000, "TRAIN_SAMPLES": 6_000, "EVAL_SAMPLES": 2_000,
+                    "EMBEDDING_BITS": [8, 4], "PTQ_GRANULARITIES": ["row"], "SCALE_PERIODS": [1, 200],
+                    "TIMING_ROUNDS": 2, "TIMING_MIN_STEPS": 200, "CURVE_SAMPLES": 8_000, "CURVE_EPOCHS": 2,
+                    "COMM_MODES": ["sparse", "sparse-int8"], "COMM_TRAIN_SAMPLES": 1_000, "COMM_EVAL_SAMPLES": 1_000,
+                    "SPEED_STEPS": 10, "MPC_CONFIGS": ["int8+5%lru"], "RUNS_DIR": ""},
+        "06_inference_acceleration": {"STUDY": "quick"},
     },
     "default": {
         "01_memory_reduction": {"MEASURE_SCALE": 1.0},

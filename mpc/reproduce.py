@@ -157,12 +157,12 @@ def _cli(args) -> int:
     if args.data is not None and not (Path(args.data) / "meta.json").is_file():
         raise UserError(f"{args.data}: not a prepared data folder (run `python -m mpc prepare-criteo` first)")
     t0 = time.perf_counter()
-    outcomes = reproduce(args.profile, args.data, args.only, Path(args.results) if args.results else None,
-                         progress=not args.no_progress)
+    out = Path(args.results) if args.results else REPO_ROOT / "results"
+    outcomes = reproduce(args.profile, args.data, args.only, out, progress=not args.no_progress)
     failed = [o.name for o in outcomes if not o.ok]
     print(f"reproduce ({args.profile}): {len(outcomes) - len(failed)}/{len(outcomes)} notebooks ok "
-          f"in {(time.perf_counter() - t0) / 60:.1f} min; report: results/REPORT.md")
+          f"in {(time.perf_counter() - t0) / 60:.1f} min; report: {out / 'REPORT.md'}")
     if failed:
-        print(f"failed: {', '.join(failed)} (see results/executed/<name>.failed.ipynb)", file=sys.stderr)
+        print(f"failed: {', '.join(failed)} (see {out / 'executed'}/<name>.failed.ipynb)", file=sys.stderr)
         return 1
     return 0

@@ -93,6 +93,8 @@ class Trainer:
         self.dataset = dataset or Dataset.open(c.data)
         cards = tuple(self.dataset.cardinalities)
         emb = c.embedding.replace(cardinalities=cards)
+        # Record the tables actually built (the data's), not the config's defaults.
+        self.config = c = dataclasses.replace(c, embedding=emb)
         # MLPs quantize the way the tables do: post-training with "ptq", else QAT.
         self.model = DLRM(DLRMConfig.for_embedding(emb, seed=c.seed, mlp_bits=c.mlp_bits,
                                                    mlp_quant="ptq" if emb.kind == "ptq" else "qat"))

@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip
     # torch first and exactly pinned: the CPU build from this machine's disk.
     "$venv/bin/python" -m pip install -q "torch==2.13.0"
-    "$venv/bin/python" -m pip install -q -e "$root"
+    "$venv/bin/python" -m pip install -q -e "$root[inference]"
     "$venv/bin/python" -m ipykernel install --sys-prefix --name mpc --display-name "Python (mpc)" >/dev/null
     touch "$stamp"
 fi

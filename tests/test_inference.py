@@ -446,3 +446,186 @@ def test_study_records_failed_builds_and_mismatches_and_goes_on(monkeypatch):
     timed = {(r["precision"], r["lookup"], r["runtime"]) for r in result.rows}
     assert ("int8", "mpc_kernels", "eager") not in timed and ("fp32", "mpc_kernels", "eager") in timed
     assert not any(r["runtime"] == "torch_export" for r in result.rows)
+
+
+def test_baseline_is_pure_pytorch_and_equals_the_training_model(monkeypatch):
+    spec = study.ModelSpec(bottom_hidden=(8,), top_hidden=(8,), dim=4, num_tables=3, rows_per_table=50)
+    model = DLRM(spec.dlrm_config(seed=3)).eval()
+    dense, cat = _batch(6, seed=2, cards=spec.cardinalities)
+    want = _eager(model, dense, cat)
+
+    def no_kernels(*a, **k):
+        raise AssertionError("the baseline must not use mpc's kernels")
+
+    monkeypatch.setattr(ops.KernelOps, "pool", no_kernels)
+    monkeypatch.setattr(ops.ReferenceOps, "pool", no_kernels)
+    got = study._baseline(model)(dense, cat)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --- study sets -------------------------------------------------------------------------
+
+def test_default_set_keeps_every_sweep_and_batch_with_fewer_points():
+    default, full = study.default_study(llc=32 << 20), study.full_study(llc=32 << 20)
+    assert [s.name for s in default.sweeps] == [s.name for s in full.sweeps]
+    assert all(s.batches == (1, 128, 2048) for s in default.sweeps)
+    for d, f in zip(default.sweeps, full.sweeps):
+        assert len(set(d.specs)) == len(d.specs) <= len(f.specs)   # no model measured twice
+        assert (d.precisions, d.lookups, d.distributions) == (f.precisions, f.lookups, f.distributions)
+    assert sum(len(s.specs) for s in default.sweeps) < sum(len(s.specs) for s in full.sweeps)
+    sizes = next(s for s in default.sweeps if s.name == "table_size")
+    ratios = [sp.num_tables * sp.rows_per_table * sp.dim * 4 / (32 << 20) for sp in sizes.specs]
+    assert ratios == pytest.approx([0.125, 1, 8], rel=1e-3)     # inside, at, far beyond the LLC
+    depth = next(s for s in default.sweeps if s.name == "mlp_depth")
+    assert {(sp.mlp_pattern, sp.mlp_depth) for sp in depth.specs} == {
+        ("constant", 1), ("constant", 3), ("constant", 6), ("funnel", 3), ("funnel", 6)}
+    assert default.reps < full.reps and default.max_seconds < full.max_seconds
+
+
+def test_study_config_narrows_and_overrides():
+    cfg = study.study_config("quick", runtimes=["onnxruntime", "openvino"], batches=[4], threads=1, reps=7,
+                             max_seconds=None)
+    assert [s.name for s in cfg.sweeps] == ["quick_runtimes"]    # quick_lookups runs eager only: dropped
+    assert cfg.sweeps[0].runtimes == (Runtime.ONNXRUNTIME, Runtime.OPENVINO) and cfg.sweeps[0].batches == (4,)
+    assert (cfg.threads, cfg.reps, cfg.max_seconds) == (1, 7, study.quick_study().max_seconds)
+    assert study.study_config("paper", llc=1 << 20) == study.full_study(llc=1 << 20)
+    for kwargs, message in [({"study_set": "huge"}, "unknown study set 'huge'"),
+                            ({"study_set": "quick", "runtimes": ["tvm"]}, "unknown runtime 'tvm'"),
+                            ({"study_set": "quick", "batches": [0]}, "batch sizes must be >= 1"),
+                            ({"study_set": "quick", "repeats": 3}, "unknown study setting"),
+                            ({"study_set": "quick", "runtimes": []}, "no sweep of the quick set")]:
+        with pytest.raises(UserError, match=message):
+            study.study_config(**kwargs)
+
+
+def test_foreign_load_counts_other_processes_only(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def write(busy_ticks, idle_ticks):   # user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {busy_ticks} 0 0 {idle_ticks} 7 0 0 0 0 0\ncpu0 1 2 3\n")
+
+    clock = FakeClock()
+    own = iter([10.0, 11.0, 0.0, 0.0])   # this process: 1 CPU second meanwhile
+    monkeypatch.setattr(timing, "_own_cpu_seconds", lambda: next(own))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=clock))
+    write(1000, 500)
+    with timing.ForeignLoad(stat) as load:
+        clock.now += 2.0                 # 2 s of wall time, 3 CPU seconds busy in all
+        write(1000 + 3 * ticks, 500 + ticks)
+    assert load.cores == pytest.approx(1.0)
+    with timing.ForeignLoad(tmp_path / "absent") as load:
+        pass
+    assert load.cores is None
+
+
+def test_study_result_records_time_and_load():
+    result = study.run_study(_tiny_study(runtimes=(Runtime.EAGER,)), progress=False)
+    assert result.seconds > 0 and (result.foreign_cpu_cores is None or result.foreign_cpu_cores >= 0)
+    assert all(r["measure_seconds"] > 0 for r in result.rows)
+    assert result.to_json()["seconds"] == result.seconds
+
+
+# --- analysis -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def template_row():
+    """A real study row (its columns are the schema analysis reads)."""
+    result = study.run_study(_tiny_study(runtimes=(Runtime.EAGER,)), progress=False)
+    return next(r for r in result.rows if r["lookup"] == "gather" and r["precision"] == "fp32")
+
+
+def _rows(template, specs):
+    """Rows from (overrides, speed-up) pairs; the baseline median is 1 ms."""
+    import pandas as pd
+
+    out = []
+    for over, speedup in specs:
+        r = {**template, **over}
+        r.update(speedup=speedup, baseline_median_s=1e-3, latency_median_s=1e-3 / speedup)
+        r["throughput_sps"] = r["batch"] / r["latency_median_s"]
+        out.append(r)
+    return pd.DataFrame(out)
+
+
+def _depth(d, pattern="constant"):
+    return {"sweep": "mlp_depth", "vary": "mlp_depth", "x": d, "mlp_depth": d, "mlp_pattern": pattern,
+            "spec_index": d}
+
+
+def test_analysis_summaries(template_row):
+    from mpc.inference import analysis
+
+    rows = []
+    for runtime, by_batch in [("openvino", {1: 2.0, 128: 8.0}), ("torch_compile", {1: 0.5, 128: 2.0})]:
+        for b, s in by_batch.items():
+            for dist, factor in [("uniform", 1.0), ("zipf", 4.0)]:      # geomean over id laws: x2
+                rows.append(({**_depth(3), "runtime": runtime, "batch": b, "distribution": dist},
+                             s * factor / 2))
+    rows += [({**_depth(10), "runtime": "openvino", "batch": 1, "distribution": "uniform"}, 1.0),
+             ({**_depth(10, "funnel"), "runtime": "openvino", "batch": 1, "distribution": "uniform"}, 1.0),
+             ({**_depth(3), "lookup": study.BASELINE, "runtime": "eager", "batch": 1}, 0.8),
+             ({**_depth(3), "lookup": study.BASELINE, "runtime": "eager", "batch": 128}, 1.25),
+             ({**_depth(3), "precision": "int8", "lookup": "torch_ops", "runtime": "eager", "batch": 1}, 3.0)]
+    frame = _rows(template_row, rows)
+
+    summary = analysis.runtime_summary(frame).set_index("runtime")
+    ov = summary.loc["openvino"]
+    # openvino points: (1, 4), (4, 16), 1, 1 -> geomean of 1, 4, 4, 16, 1, 1 = 64^(1/3)... exactly:
+    assert ov.points == 6 and ov.speedup_geomean == pytest.approx((1 * 4 * 4 * 16) ** (1 / 6))
+    assert ov.speedup_max == 16 and ov.best_point == "mlp_depth: constant x3, batch 128, zipf"
+    assert ov.geomean_batch_128 == pytest.approx(8.0) and ov.faster_share == pytest.approx(3 / 6)
+    assert summary.loc["torch_compile"].speedup_geomean == pytest.approx(1.0)
+    assert summary.loc[analysis.NOISE_LABEL].speedup_geomean == pytest.approx(1.0)
+    assert "eager" not in summary.index          # the int8 row is not a runtime-only row
+
+    patterns = analysis.pattern_summary(frame)
+    p = patterns[(patterns.runtime == "openvino") & (patterns.point == "constant x3")].set_index("batch")
+    assert p.speedup_geomean.to_dict() == pytest.approx({1: 2.0, 128: 8.0}) and set(p.rows) == {2}
+    assert study.BASELINE not in set(patterns.lookup)
+    # numeric order (3 before 10), constant before funnel; precision points after
+    assert analysis.point_order(frame)[:3] == ["constant x3", "constant x10", "funnel x10"]
+
+    checks = analysis.checks(frame)
+    assert checks["speedup_is_ratio_of_medians"] and checks["throughput_is_batch_over_median"]
+    assert checks["noise_geomean"] == pytest.approx(1.0) and checks["baseline_rows"] == 2
+    tampered = frame.assign(speedup=frame.speedup * 1.5)
+    assert not analysis.checks(tampered)["speedup_is_ratio_of_medians"]
+
+
+def test_analysis_claim_and_paper_comparison(template_row):
+    from mpc.inference import analysis
+    from mpc.report import paper_numbers
+
+    paper = paper_numbers()["form_follows_function"]
+    rows = [({**_depth(3), "runtime": "openvino", "batch": 1, "distribution": "uniform"}, 8.0),
+            ({**_depth(3), "runtime": "openvino", "batch": 2048, "distribution": "uniform"}, 2.0),
+            ({**_depth(3), "runtime": "torch_export", "batch": 1, "distribution": "uniform"}, 0.5),
+            ({**_depth(3), "runtime": "torch_export", "batch": 2048, "distribution": "uniform"}, 0.5),
+            ({**_depth(3), "lookup": study.BASELINE, "runtime": "eager", "batch": 1}, 1.0)]
+    frame = _rows(template_row, rows)
+    table = analysis.paper_comparison(frame, paper).set_index("question")
+    assert table.iloc[0]["paper (CNNs)"].startswith("380%")
+    assert table.iloc[0]["ours (DLRM)"].startswith("OpenVINO 4.00x (400%), geomean of 2 points")
+    assert table.loc["largest speed-up of one model", "ours (DLRM)"].startswith("8.00x (800%): openvino")
+    assert table.loc["lowest latency of a reference model, one input", "ours (DLRM)"].startswith("0.125 ms: openvino")
+    record = analysis.claim(frame, paper, "a test CPU", 2, "synthetic ids")
+    assert set(record) == {"ours", "verdict", "data"} and record["data"] == "synthetic ids"
+    assert "openvino 4.00x (best 8.00x)" in record["ours"] and "torch_export 0.50x" in record["ours"]
+    assert "faster than eager on average: openvino; slower: torch_export" in record["verdict"]
+    assert "OpenVINO's average (4.00x) is about equal compared with the paper's 380% read as 3.8x" \
+        in record["verdict"]   # within 10%
+    assert "Best of all: openvino 8.00x on mlp_depth constant x3, batch 1." in record["ours"]
+    assert "the speed-up at batch 1 (geomean 2.00x) is larger compared with batch 2048 (1.00x)" in record["verdict"]
+    assert "removing per-call framework overhead" in record["verdict"]
+
+
+def test_claim_flags_a_shared_machine(template_row):
+    from mpc.inference import analysis
+    from mpc.report import paper_numbers
+
+    frame = _rows(template_row, [({**_depth(3), "runtime": "openvino", "batch": 1}, 2.0)])
+    paper = paper_numbers()["form_follows_function"]
+    assert analysis.claim(frame, paper, "cpu", 2, "d", foreign_cpu_cores=1.3)["verdict"].startswith(
+        "UNRELIABLE: other processes used 1.30 CPU cores")
+    assert analysis.claim(frame, paper, "cpu", 2, "d", foreign_cpu_cores=0.05)["verdict"].startswith("Not the same")

@@ -43,7 +43,8 @@ def test_kinds_build_nearest_rounded_reference_init(kind):
     assert emb.weights.dtype == quant.STORAGE_DTYPE[p]
     # exact memory: the components add up to the storage tensor's bytes
     mem = emb.memory_bytes()
-    assert set(mem) == {"values", "scale_bias"} and sum(mem.values()) == emb.weights.nbytes
+    assert set(mem) == {"values", "scale_bias", "step_counter"}
+    assert sum(mem.values()) == emb.weights.nbytes + emb.step.nbytes
     expect = {"fp16": (16, 0), "int8": (8, 8), "int4": (4, 4), "int2": (2, 4)}[kind]
     rows = sum(CARDS)
     assert (mem["values"], mem["scale_bias"]) == (rows * expect[0], rows * expect[1])

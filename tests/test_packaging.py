@@ -10,8 +10,9 @@ from mpc.runinfo import REPO_ROOT
 
 
 def _pyproject_pins() -> set[str]:
-    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    return {d.replace(" ", "").lower() for d in data["project"]["dependencies"]}
+    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    deps = data["dependencies"] + [d for extra in data["optional-dependencies"].values() for d in extra]
+    return {d.replace(" ", "").lower() for d in deps}
 
 
 def _environment_pins() -> tuple[set[str], str]:
@@ -23,6 +24,7 @@ def _environment_pins() -> tuple[set[str], str]:
 
 
 def test_environment_yml_pins_the_same_packages_as_pyproject():
+    """Dependencies and extras of pyproject.toml == the pip list of environment.yml."""
     env, python = _environment_pins()
     assert env == _pyproject_pins()
     assert python == "3.11"

@@ -3,6 +3,7 @@ post-training quantization, export to real low-bit storage, resume, the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -344,6 +345,152 @@ def test_dqrm_runs_are_tabulated_and_reused(learnable_data, tmp_path):
     assert table.loc["dqrm int4", "test_auc"] == runs["dqrm int4"]["test"]["auc"]
     curves = dqrm.epoch_curves(runs)
     assert list(curves[curves.run == "fp32"].epoch) == [1]
+
+
+def _base(data, **kw):
+    return TrainConfig(data=str(data), batch_size=64, max_train_samples=640, max_eval_samples=1000,
+                       max_test_samples=1000, progress=False,
+                       embedding=EmbeddingConfig(kind="fp32", use_kernels=False), **kw)
+
+
+def test_dqrm_runs_are_shared_between_names_and_kept_apart_by_config(learnable_data, tmp_path):
+    from mpc import dqrm
+
+    base = _base(learnable_data)
+    bits_runs = dqrm.run_variants(base, dqrm.embedding_bits_variants((4,), scale_period=3), tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    full = dqrm.full_model_variants(4, 3, ("table", "row"))
+    assert [v.name for v in full] == ["fp32", "ptq int4 (table)", "ptq int4 (row)", "dqrm int4",
+                                      "dqrm int4 mlp fp32"]
+    full_runs = dqrm.run_variants(base, full, tmp_path)
+    # "fp32" and "qat emb int4" = "dqrm int4 mlp fp32" were reused: 3 new runs only
+    assert len(list(tmp_path.glob("*.json"))) == 5
+    assert full_runs["dqrm int4 mlp fp32"] == bits_runs["qat emb int4"]
+    assert full_runs["ptq int4 (table)"]["test"] != full_runs["ptq int4 (row)"]["test"]
+    # the same name with another config (2 epochs) is a new file, the 1-epoch run stays
+    two = dqrm.run_variants(dataclasses.replace(base, epochs=2), full[:1], tmp_path)
+    assert len(list(tmp_path.glob("fp32-*.json"))) == 2 and two["fp32"]["steps"] == 2 * full_runs["fp32"]["steps"]
+    assert dqrm.run_variants(base, full[:1], tmp_path)["fp32"] == full_runs["fp32"]
+    seeds = dqrm.run_seeds(base, full[:1], tmp_path, seeds=(0, 1))
+    assert seeds[0]["fp32"] == full_runs["fp32"] and seeds[1]["fp32"]["config"]["seed"] == 1
+    assert seeds[1]["fp32"]["config"]["embedding"]["seed"] == 1
+    assert seeds[1]["fp32"]["test"]["auc"] != seeds[0]["fp32"]["test"]["auc"]
+
+
+def test_mpc_variants_are_cached_low_precision_tables():
+    from mpc import dqrm
+
+    v = {x.name: x for x in dqrm.mpc_variants(["int8+5%lru", "int4+1%lfu"])}
+    assert set(v) == {"mpc int8+5%lru", "mpc int4+1%lfu"}
+    emb = v["mpc int4+1%lfu"].embedding
+    assert (emb.kind, emb.cache.fraction, emb.cache.policy.value) == ("int4", 0.01, "lfu")
+    assert v["mpc int8+5%lru"].mlp_bits == 32
+    with pytest.raises(UserError):
+        dqrm.mpc_variants(["int9+5%lru"])
+
+
+def test_auc_standard_error_matches_the_spread_of_resampled_aucs():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from mpc.dqrm import auc_standard_error
+
+    # at AUC 0.5 it is the Mann-Whitney null variance (n1 + n2 + 1) / (12 n1 n2)
+    assert auc_standard_error(0.5, 100, 300) == pytest.approx((401 / (12 * 100 * 300)) ** 0.5, rel=1e-12)
+    rng = np.random.default_rng(0)
+    pos, neg = 60, 140
+    aucs = [roc_auc_score(np.r_[np.ones(pos), np.zeros(neg)],
+                          np.r_[rng.normal(1.0, 1, pos), rng.normal(0.0, 1, neg)]) for _ in range(300)]
+    mean, spread = float(np.mean(aucs)), float(np.std(aucs))
+    assert mean == pytest.approx(0.76, abs=0.01)
+    assert auc_standard_error(mean, pos, neg) == pytest.approx(spread, rel=0.12)
+    assert auc_standard_error(mean, 4 * pos, 4 * neg) == pytest.approx(auc_standard_error(mean, pos, neg) / 2,
+                                                                       rel=0.02)
+    assert np.isnan(auc_standard_error(0.7, 0, 10))
+
+
+def test_seed_summary_averages_and_spreads_in_the_first_tables_order():
+    import pandas as pd
+
+    from mpc.dqrm import seed_summary
+
+    a = pd.DataFrame({"run": ["fp32", "int4"], "bits": [32, 4], "test_auc": [0.70, 0.72], "note": ["x", "y"]})
+    b = pd.DataFrame({"run": ["int4", "fp32"], "bits": [4, 32], "test_auc": [0.74, 0.72], "note": ["y", "x"]})
+    s = seed_summary({0: a, 1: b})
+    assert list(s.run) == ["fp32", "int4"] and list(s.note) == ["x", "y"] and list(s.seeds) == [2, 2]
+    assert list(s.test_auc) == pytest.approx([0.71, 0.73])
+    assert list(s.test_auc_std) == pytest.approx([0.02 ** 0.5 / 10, 0.02 ** 0.5 / 10])
+    one = seed_summary({0: a})
+    assert one.test_auc_std.isna().all() and list(one.test_auc) == [0.70, 0.72]
+
+
+def test_scale_period_timing_pays_whole_periods_and_feeds_the_table(learnable_data, tmp_path):
+    from mpc import dqrm
+
+    base = _base(learnable_data)
+    rec = dqrm.scale_period_timing(base, periods=(1, 3, 4), bits=4, mlp_bits=4, rounds=2, min_steps=13)
+    assert (rec["params"]["steps"], rec["params"]["rounds"]) == (12, 2)     # 24 = 2 x lcm(1, 3, 4)
+    sec = rec["results"]["seconds_per_step"]
+    assert set(sec) == {"fp32", "qat period 1", "qat period 3", "qat period 4"} and min(sec.values()) > 0
+    with pytest.raises(UserError, match="rounds"):
+        dqrm.scale_period_timing(base, periods=(1, 3), rounds=5, min_steps=3)
+    runs = dqrm.run_variants(base, dqrm.scale_period_variants((1, 3), bits=4), tmp_path)
+    table = dqrm.scale_period_table(runs, rec).set_index("period")
+    assert table.loc[3, "bench_vs_period_1"] == pytest.approx(sec["qat period 3"] / sec["qat period 1"])
+    steps = runs["dqrm int4 period 3"]["steps"]
+    assert list(table.scale_updates) == [steps, -(-steps // 3)]
+
+
+def test_timed_steps_train_each_round_on_its_own_batches(monkeypatch):
+    import mpc.bench.qat as bench_qat
+
+    seen = {}
+    monkeypatch.setattr(bench_qat, "sgd_step",
+                        lambda model, opt, dense, *rest: seen.setdefault(id(model), []).append(int(dense[0, 0])))
+    configs = {"fp32": EmbeddingConfig(cardinalities=CARDS, use_kernels=False),
+               "qat": EmbeddingConfig(cardinalities=CARDS, kind="qat", use_kernels=False, options={"bits": 4})}
+    ids, offsets = jagged_from_dense(torch.zeros(2, len(CARDS), dtype=torch.int64))
+    batches = [(torch.full((2, 13), float(k)), ids, offsets, torch.zeros(2)) for k in range(6)]
+    sec = bench_qat.time_qat_steps(configs, 2, steps=3, rounds=2, batches=batches)
+    assert set(sec) == {"fp32", "qat"}
+    # a warm-up step on the first batch, then round 0 trains batches 0-2 and round 1 batches 3-5
+    assert list(seen.values()) == [[0, 0, 1, 2, 3, 4, 5]] * 2
+    seen.clear()
+    bench_qat.time_qat_steps(configs, 2, steps=3, rounds=2, batches=batches[:3])   # the same 3 each round
+    assert list(seen.values()) == [[0, 0, 1, 2, 0, 1, 2]] * 2
+    with pytest.raises(ValueError, match="5 batches"):
+        bench_qat.time_qat_steps(configs, 2, steps=3, rounds=2, batches=batches[:5])
+
+
+def test_combined_table_counts_kaggle_bytes_of_each_method(learnable_data, tmp_path):
+    from mpc import dqrm
+    from mpc.embedding import CacheConfig
+    from mpc.memory import memory_row
+
+    base = _base(learnable_data)
+    variants = ([dqrm.Variant("fp32", EmbeddingConfig(kind="fp32"))] + dqrm.mpc_variants(["int8+5%lru"])
+                + [dqrm.Variant("dqrm int4", dqrm.qat_embedding(4, 3), mlp_bits=4)])
+    runs = dqrm.run_variants(base, variants, tmp_path)
+    timing = dqrm.time_variants(base, variants, steps=3, rounds=1)
+    t = dqrm.combined_table(runs, timing).set_index("run")
+    mlp = 4 * 475_985
+    rows = sum(KAGGLE_CARDINALITIES)
+    assert t.loc["fp32", "kaggle_training_tables_gb"] * 1e9 == pytest.approx(rows * 64)
+    assert t.loc["fp32", "kaggle_served_model_gb"] * 1e9 == pytest.approx(rows * 64 + mlp)
+    cached = memory_row(KAGGLE_CARDINALITIES, 16, "int8", CacheConfig(fraction=0.05))["total_bytes"]
+    assert t.loc["mpc int8+5%lru", "kaggle_training_tables_gb"] * 1e9 == pytest.approx(cached)
+    assert t.loc["mpc int8+5%lru", "kaggle_served_model_gb"] * 1e9 == pytest.approx(rows * (16 + 8) + mlp)
+    served = sum(model_bytes(KAGGLE_CARDINALITIES, 16, BOTTOM_MLP, TOP_MLP, 4, 4).values())
+    assert t.loc["dqrm int4", "kaggle_served_model_gb"] * 1e9 == pytest.approx(served)
+    assert t.loc["dqrm int4", "kaggle_training_tables_gb"] * 1e9 == pytest.approx(rows * 64 + 4 * 26)
+    assert 0 < t.loc["mpc int8+5%lru", "cache_hit_rate"] < 1 and pd_isna(t.loc["fp32", "cache_hit_rate"])
+    sec = timing["results"]["seconds_per_step"]
+    assert t.loc["dqrm int4", "timed_speed_vs_fp32"] == pytest.approx(sec["fp32"] / sec["dqrm int4"])
+    assert t.loc["dqrm int4", "served_size_vs_fp32"] == pytest.approx((rows * 64 + mlp) / served)
+
+
+def pd_isna(x) -> bool:
+    return x is None or x != x
 
 
 def test_kaggle_communication_is_near_the_paper():

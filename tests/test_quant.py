@@ -252,3 +252,17 @@ def test_memory_components_sum_to_row_bytes():
             assert sum(parts.values()) == 7 * p.row_bytes(dim)
     assert quant.values_bytes(Precision.INT4, 10, 16) == {"values": 80, "scale_bias": 40}
     assert quant.values_bytes(Precision.INT8, 10, 16) == {"values": 160, "scale_bias": 80}
+
+
+@pytest.mark.parametrize("precision", [Precision.INT8, Precision.INT4, Precision.INT2])
+@pytest.mark.parametrize("dim", [5, 13, 16])
+def test_single_unaligned_rows_and_empty_batches(precision, dim):
+    """A one-row slice at an odd byte offset, and zero rows, go through both directions."""
+    x = torch.randn(4, dim, generator=torch.Generator().manual_seed(dim))
+    storage = quant.quantize_rows(x, precision, Rounding.NEAREST)
+    whole = quant.dequantize_rows(storage, precision, dim)
+    for k in range(4):
+        assert torch.equal(quant.dequantize_rows(storage[k:k + 1], precision, dim), whole[k:k + 1])
+    assert quant.dequantize_rows(storage[:0], precision, dim).shape == (0, dim)
+    empty = quant.quantize_rows(x[:0], precision, Rounding.STOCHASTIC, torch.rand(0, dim))
+    assert empty.shape == (0, storage.shape[1]) and empty.dtype == storage.dtype

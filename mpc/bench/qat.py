@@ -44,26 +44,39 @@ def qat_configs(cardinalities, bits: int, period: int, seed: int, use_kernels: b
 
 
 def time_qat_steps(configs: dict[str, EmbeddingConfig], batch_size: int, steps: int, rounds: int,
-                   mlp_bits: int = 32, lr: float = 0.1, seed: int = 0, zipf: float = 1.05) -> dict[str, float]:
-    """Mean seconds per training step of each configuration (same batches, interleaved)."""
-    rng = np.random.default_rng(seed)
-    cards = next(iter(configs.values())).cardinalities
-    batches = []
-    for _ in range(steps):
-        dense, cat, label = random_batch(rng, cards, batch_size, zipf)
-        batches.append((dense, *jagged_from_dense(cat), label))
+                   mlp_bits: int | dict[str, int] = 32, lr: float = 0.1, seed: int = 0, zipf: float = 1.05,
+                   batches: list | None = None) -> dict[str, float]:
+    """Mean seconds per training step of each configuration (same batches, interleaved).
+
+    mlp_bits: of the qat configurations' MLPs (others FP32), or {name: bits} per config.
+    batches: (dense, indices, offsets, label) tuples to train on (e.g. a data set's; then
+    batch_size and zipf are ignored): `steps` of them, trained again in every round, or
+    `rounds * steps`, round r training the r-th slice (no batch seen twice: fair to a
+    cache). Default: `steps` random Zipf batches.
+    """
+    if batches is None:
+        rng = np.random.default_rng(seed)
+        cards = next(iter(configs.values())).cardinalities
+        batches = []
+        for _ in range(steps):
+            dense, cat, label = random_batch(rng, cards, batch_size, zipf)
+            batches.append((dense, *jagged_from_dense(cat), label))
+    if len(batches) not in (steps, rounds * steps):
+        raise ValueError(f"{len(batches)} batches for {rounds} rounds of {steps} steps")
+    per_round = len(batches) > steps
     models, opts = {}, {}
     for name, emb in configs.items():
-        models[name] = DLRM(DLRMConfig.for_embedding(emb, seed=seed,
-                                                     mlp_bits=mlp_bits if emb.kind == "qat" else 32))
+        bits = mlp_bits.get(name, 32) if isinstance(mlp_bits, dict) else mlp_bits if emb.kind == "qat" else 32
+        models[name] = DLRM(DLRMConfig.for_embedding(emb, seed=seed, mlp_bits=bits))
         models[name].embedding.set_learning_rate(lr)
         opts[name] = torch.optim.SGD(models[name].dense_parameters(), lr=lr)
         sgd_step(models[name], opts[name], *batches[0])   # warm-up: kernels, allocator
     total = dict.fromkeys(configs, 0.0)
-    for _ in range(rounds):
+    for r in range(rounds):
+        chunk = batches[r * steps:(r + 1) * steps] if per_round else batches
         for name in configs:
             t0 = time.perf_counter()
-            for b in batches:
+            for b in chunk:
                 sgd_step(models[name], opts[name], *b)
             total[name] += time.perf_counter() - t0
     return {name: t / (rounds * steps) for name, t in total.items()}

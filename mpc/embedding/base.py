@@ -43,7 +43,7 @@ def bag_table_ids(offsets: torch.Tensor, num_tables: int) -> torch.Tensor:
     """For each index, the table it belongs to (from the table-major offsets)."""
     B = (len(offsets) - 1) // num_tables
     lengths = offsets[1:] - offsets[:-1]
-    tables = torch.arange(num_tables, dtype=torch.int64).repeat_interleave(B)
+    tables = torch.arange(num_tables, dtype=torch.int64, device=offsets.device).repeat_interleave(B)
     return tables.repeat_interleave(lengths)
 
 
@@ -55,7 +55,7 @@ def check_indices(indices: torch.Tensor, offsets: torch.Tensor, cardinalities) -
     if indices.numel() == 0:
         return
     tables = bag_table_ids(offsets, T)
-    limits = torch.as_tensor(list(cardinalities), dtype=torch.int64)[tables]
+    limits = torch.as_tensor(list(cardinalities), dtype=torch.int64, device=indices.device)[tables]
     bad = (indices < 0) | (indices >= limits)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])

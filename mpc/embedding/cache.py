@@ -342,7 +342,6 @@ class CachedQuantizedEmbeddingBag(QuantizedEmbeddingBag):
         """Exact bytes: stored rows, cache rows and every piece of cache state."""
         out = dict(super().memory_bytes())
         out.update(self.cache.memory_bytes())
-        out["cache_bookkeeping"] += self.step.nbytes
         return out
 
     def stats(self) -> dict:

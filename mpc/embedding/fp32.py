@@ -37,6 +37,9 @@ class FP32EmbeddingBag(EmbeddingBackend):
 
     def __init__(self, config: EmbeddingConfig, weights: torch.Tensor | None = None):
         super().__init__(config)
+        if config.cache.fraction > 0:
+            raise ValueError(f"{config.kind} tables have no FP32 cache (cache fraction {config.cache.fraction}); "
+                             "a cache needs a low-precision kind (fp16, int8, int4, int2)")
         if weights is None:
             weights = reference_init(config.cardinalities, config.dim, config.seed)
         if weights.shape != (config.total_rows, config.dim):

@@ -75,8 +75,8 @@ class QuantizedEmbeddingBag(EmbeddingBackend):
         self.step += 1
 
     def memory_bytes(self) -> dict[str, int]:
-        """{"values": packed values, "scale_bias": per-row scale and bias} in bytes."""
-        return quant.values_bytes(self.precision, len(self.weights), self.dim)
+        """{"values": packed values, "scale_bias": per-row scale and bias, "step_counter"} in bytes."""
+        return {**quant.values_bytes(self.precision, len(self.weights), self.dim), "step_counter": self.step.nbytes}
 
     def to_float(self) -> torch.Tensor:
         out = torch.empty(len(self.weights), self.dim, dtype=torch.float32, device=self.weights.device)

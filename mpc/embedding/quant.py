@@ -158,7 +158,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     q = (packed.to(torch.int32)[:, :, None] >> shifts) & ((1 << bits) - 1)
-    return q.reshape(len(packed), -1)[:, :dim]
+    return q.reshape(len(packed), packed.shape[1] * per_byte)[:, :dim]
 
 
 def _float_bytes(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -216,6 +216,8 @@ def quantize_rows(x: torch.Tensor, precision: Precision, rounding: Rounding = Ro
         return x.clone()
     if precision is Precision.FP16:
         return stochastic_round_fp16(x, u) if stochastic else x.half()
+    if len(x) == 0:
+        return torch.empty(storage_shape(precision, 0, x.shape[1]), dtype=STORAGE_DTYPE[precision])
     scale, bias, inv = qparams(x, precision)
     v = (x - bias[:, None]) * inv[:, None]
     q = round_codes(v, (1 << precision.bits) - 1, rounding, u)
@@ -233,7 +235,9 @@ def split_rows(storage: torch.Tensor, precision: Precision, dim: int):
     precision = Precision(precision)
     nb = packed_bytes(precision, dim)
     values = storage[:, :nb]
-    tail = storage[:, nb:].contiguous()
+    # A fresh, packed copy: a row slice may sit at an unaligned offset or keep odd strides.
+    tail = torch.empty((storage.shape[0], storage.shape[1] - nb), dtype=storage.dtype, device=storage.device)
+    tail.copy_(storage[:, nb:])
     dtype = torch.float32 if precision is Precision.INT8 else torch.float16
     sb = tail.view(dtype).float()
     return values, sb[:, 0].contiguous(), sb[:, 1].contiguous()

@@ -6,12 +6,15 @@
     costs     FLOPs and bytes per inference, analytically
     timing    LLC size, pinned threads, interleaved latency measurement
     workload  uniform / Zipf input batches
-    study     the sweeps (quick_study, full_study) and run_study -> tidy rows
-    bench     `python -m mpc bench inference`
+    study     the sweeps, named sets (study_config: quick, default, paper) and
+              run_study -> tidy rows
+    analysis  summaries for notebook 06 and the report: speed-up per runtime and per
+              design point, reference latency, the paper's numbers beside ours, the claim
+    bench     `python -m mpc bench inference [--set quick|default|paper]`
 
 Typical use (a notebook)::
 
-    from mpc.inference import study
-    result = study.run_study(study.quick_study())
-    frame = result.frame(); study.speedup_summary(frame); result.save("results/....json")
+    from mpc.inference import analysis, study
+    result = study.run_study(study.study_config("quick"))
+    frame = result.frame(); analysis.runtime_summary(frame); result.save("results/....json")
 """

@@ -16,18 +16,23 @@ factor at a time around the Kaggle reference model:
 Each point builds a DLRM (reference initialisation), its inference twins
 (mpc.inference.module) and their exports (mpc.inference.export), checks every export
 against eager, and times each under pinned threads (mpc.inference.timing) on pools of
-fresh batches (mpc.inference.workload). The baseline is the training model itself
-(mpc.model.DLRM, FP32, eager, inference mode), timed with its calls interleaved with
-each runtime's (timing.measure_interleaved) so that both see the same load; speed-up =
-baseline median / runtime median of that pair. Baseline rows are the baseline timed
-against itself: their speed-up, ideally 1, shows the noise of the measurement.
-`run_study(quick_study())` takes well under a minute; `full_study()` about 10-15 on 2 cores.
+fresh batches (mpc.inference.workload). The baseline is native eager PyTorch FP32: the
+same model with its tables read by F.embedding_bag (the torch_ops lookup at FP32), timed
+with its calls interleaved with each runtime's (timing.measure_interleaved) so that both
+see the same load; speed-up = baseline median / runtime median of that pair. Baseline
+rows are the baseline timed against itself: their speed-up, ideally 1, shows the noise
+of the measurement. Other processes' CPU use during the run is recorded
+(timing.ForeignLoad): on a shared 2-core machine it can distort ratios a hundredfold.
+
+Sets (study_config): `quick` (CI, well under a minute), `default` (~8 minutes on 2
+cores: every sweep and batch size, fewer points), `paper` (full_study, every point).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -40,16 +45,17 @@ from mpc.errors import UserError
 from mpc.inference import costs
 from mpc.inference.export import Runtime, available_runtimes, check_outputs, compile_model, supports
 from mpc.inference.module import InferenceDLRM, LookupKind
-from mpc.inference.timing import llc_bytes, measure_interleaved, pinned_threads
+from mpc.inference.timing import ForeignLoad, llc_bytes, measure_interleaved, pinned_threads
 from mpc.inference.workload import DEFAULT_ZIPF_S, IndexDistribution, input_pool
 from mpc.model import DLRM, DLRMConfig
 from mpc.runinfo import atomic_write_json, provenance
 
 log = logging.getLogger(__name__)
 
-BASELINE = "dlrm"          # the `lookup` column of baseline rows: the training model's backend
+BASELINE = "baseline"      # the `lookup` column of baseline rows (eager PyTorch FP32, see _baseline)
 KAGGLE_BOTTOM_HIDDEN = (512, 256, 64)
 KAGGLE_TOP_HIDDEN = (512, 256)
+FOREIGN_LOAD_WARNING = 0.25   # CPU cores other processes may use meanwhile before the run is flagged
 
 
 class MlpPattern(str, Enum):
@@ -142,12 +148,12 @@ class StudyConfig:
 
 
 def quick_study() -> StudyConfig:
-    """CI-sized: a small model; every runtime at FP32 and INT4 (gather), PyTorch's
-    quantized ops and mpc's kernels at INT8 and INT4 (eager); batches 1 and 128."""
+    """CI-sized (well under a minute): a small model; every runtime at FP32 (gather),
+    PyTorch's quantized ops and mpc's kernels at INT8 and INT4 (eager, uniform and Zipf
+    ids); batches 1 and 128."""
     spec = ModelSpec(bottom_hidden=(64, 32), top_hidden=(64, 32), dim=8, num_tables=8, rows_per_table=2000)
     sweeps = (
-        Sweep("quick_runtimes", "precision", (spec,), precisions=(Precision.FP32, Precision.INT4),
-              batches=(1, 128)),
+        Sweep("quick_runtimes", "precision", (spec,), batches=(1, 128)),
         Sweep("quick_lookups", "precision", (spec,), precisions=(Precision.INT8, Precision.INT4),
               lookups=(LookupKind.TORCH_OPS, LookupKind.MPC_KERNELS),
               distributions=tuple(IndexDistribution), batches=(1, 128), runtimes=(Runtime.EAGER,)),
@@ -155,32 +161,110 @@ def quick_study() -> StudyConfig:
     return StudyConfig(sweeps, warmup=2, reps=20, max_seconds=0.05, min_reps=5)
 
 
+def _depth_specs(base: ModelSpec, depths, width: int, funnel_depths=None) -> list[ModelSpec]:
+    """Both MLPs `depth` hidden layers of `width` (constant) or halving from it (funnel)."""
+    out = []
+    for pattern, ds in ((MlpPattern.CONSTANT, depths), (MlpPattern.FUNNEL, funnel_depths or depths)):
+        out += [dataclasses.replace(base, bottom_hidden=mlp_widths(d, width, pattern),
+                                    top_hidden=mlp_widths(d, width, pattern), mlp_depth=d,
+                                    mlp_width=width, mlp_pattern=pattern.value) for d in ds]
+    return out
+
+
+def _width_specs(base: ModelSpec, widths) -> list[ModelSpec]:
+    return [dataclasses.replace(base, bottom_hidden=(w, w), top_hidden=(w, w), mlp_depth=2, mlp_width=w,
+                                mlp_pattern=MlpPattern.CONSTANT.value) for w in widths]
+
+
+def _rows_for(base: ModelSpec, llc: int, ratio: float) -> int:
+    """Rows per table so that the FP32 tables take `ratio` x the LLC."""
+    return max(16, int(ratio * llc / (4 * base.dim * base.num_tables)))
+
+
 def full_study(llc: int | None = None) -> StudyConfig:
-    """The study's sweeps, table sizes set from this machine's LLC (see the module doc)."""
+    """The whole study (the `paper` set, ~15 min on 2 cores), table sizes set from this
+    machine's LLC (see the module doc)."""
     llc = llc or llc_bytes() or 32 << 20
     base = ModelSpec()
-    row = 4 * base.dim * base.num_tables   # FP32 bytes of one row of every table
-
-    def rows_for(ratio: float) -> int:
-        return max(16, int(ratio * llc / row))
-
-    depth = [dataclasses.replace(base, bottom_hidden=mlp_widths(d, 512, p), top_hidden=mlp_widths(d, 512, p),
-                                 mlp_depth=d, mlp_width=512, mlp_pattern=p.value)
-             for p in MlpPattern for d in (1, 2, 4, 6)]
-    width = [dataclasses.replace(base, bottom_hidden=(w, w), top_hidden=(w, w), mlp_depth=2, mlp_width=w,
-                                 mlp_pattern=MlpPattern.CONSTANT.value) for w in (64, 256, 1024)]
-    dims = [dataclasses.replace(base, dim=d) for d in (4, 32, 64)]
-    sizes = [dataclasses.replace(base, rows_per_table=rows_for(r)) for r in (0.125, 0.5, 2, 8, 16)]
-    big = dataclasses.replace(base, rows_per_table=rows_for(8))
+    sizes = [dataclasses.replace(base, rows_per_table=_rows_for(base, llc, r)) for r in (0.125, 0.5, 2, 8, 16)]
+    big = dataclasses.replace(base, rows_per_table=_rows_for(base, llc, 8))
     sweeps = (
-        Sweep("mlp_depth", "mlp_depth", tuple(depth)),
-        Sweep("mlp_width", "mlp_width", tuple(width)),
-        Sweep("dim", "dim", (base, *dims)),
+        Sweep("mlp_depth", "mlp_depth", tuple(_depth_specs(base, (1, 2, 4, 6), 512))),
+        Sweep("mlp_width", "mlp_width", tuple(_width_specs(base, (64, 256, 1024)))),
+        Sweep("dim", "dim", (base, *(dataclasses.replace(base, dim=d) for d in (4, 32, 64)))),
         Sweep("table_size", "table_over_llc", tuple(sizes), distributions=tuple(IndexDistribution)),
         Sweep("precision", "precision", (big,), precisions=(Precision.FP32, Precision.INT8, Precision.INT4),
               lookups=tuple(LookupKind), distributions=tuple(IndexDistribution)),
     )
     return StudyConfig(sweeps)
+
+
+def default_study(llc: int | None = None) -> StudyConfig:
+    """The full study trimmed to ~8 minutes on 2 cores (the `default` set): every sweep
+    and batch size kept, fewer points per sweep (the end points and the middle), and
+    shorter measurements. torch.compile builds once per batch size and dominates."""
+    llc = llc or llc_bytes() or 32 << 20
+    base = ModelSpec()
+    sizes = [dataclasses.replace(base, rows_per_table=_rows_for(base, llc, r)) for r in (0.125, 1, 8)]
+    sweeps = (
+        # A funnel of depth 1 is the constant MLP of depth 1: measured once.
+        Sweep("mlp_depth", "mlp_depth", tuple(_depth_specs(base, (1, 3, 6), 512, funnel_depths=(3, 6)))),
+        Sweep("mlp_width", "mlp_width", tuple(_width_specs(base, (64, 1024)))),
+        Sweep("dim", "dim", (base, *(dataclasses.replace(base, dim=d) for d in (4, 64)))),
+        Sweep("table_size", "table_over_llc", tuple(sizes), distributions=tuple(IndexDistribution)),
+        Sweep("precision", "precision", (sizes[-1],),
+              precisions=(Precision.FP32, Precision.INT8, Precision.INT4),
+              lookups=tuple(LookupKind), distributions=tuple(IndexDistribution)),
+    )
+    return StudyConfig(sweeps, reps=50, max_seconds=0.3, min_reps=10)
+
+
+class StudySet(str, Enum):
+    QUICK = "quick"        # CI: well under a minute
+    DEFAULT = "default"    # the committed run: ~8 minutes on 2 cores
+    PAPER = "paper"        # every point of every sweep: ~15 minutes on 2 cores
+
+
+_SETS = {StudySet.QUICK: lambda llc: quick_study(), StudySet.DEFAULT: default_study,
+         StudySet.PAPER: full_study}
+
+
+def study_config(study_set: StudySet | str, *, runtimes=None, batches=None, llc: int | None = None,
+                 **overrides) -> StudyConfig:
+    """A named set, narrowed to `runtimes` (each sweep keeps those of its own that are
+    listed; a sweep left with none is dropped), with `batches` replacing every sweep's
+    batch sizes, and StudyConfig fields (threads, reps, max_seconds, ...) overridden
+    where given and not None."""
+    try:
+        config = _SETS[StudySet(study_set)](llc)
+    except ValueError:
+        raise UserError(f"unknown study set {study_set!r}; choose one of "
+                        f"{', '.join(s.value for s in StudySet)}") from None
+    allowed = {f.name for f in dataclasses.fields(StudyConfig)} - {"sweeps"}
+    if set(overrides) - allowed:
+        raise UserError(f"unknown study setting(s) {', '.join(sorted(set(overrides) - allowed))}; "
+                        f"choose from {', '.join(sorted(allowed))}")
+    sweeps = config.sweeps
+    if runtimes is not None:
+        keep = {_enum(Runtime, r, "runtime") for r in runtimes}
+        sweeps = tuple(dataclasses.replace(s, runtimes=tuple(r for r in s.runtimes if r in keep))
+                       for s in sweeps)
+        sweeps = tuple(s for s in sweeps if s.runtimes)
+        if not sweeps:
+            raise UserError(f"no sweep of the {StudySet(study_set).value} set uses any of the runtimes "
+                            f"{', '.join(map(str, runtimes))}")
+    if batches is not None:
+        if not batches or min(batches) < 1:
+            raise UserError(f"batch sizes must be >= 1, got {list(batches)}")
+        sweeps = tuple(dataclasses.replace(s, batches=tuple(int(b) for b in batches)) for s in sweeps)
+    return dataclasses.replace(config, sweeps=sweeps, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _enum(kind, value, what: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"unknown {what} {value!r}; choose from {', '.join(k.value for k in kind)}") from None
 
 
 # --- running ------------------------------------------------------------------------
@@ -196,6 +280,8 @@ class StudyResult:
     llc_bytes: int | None
     config: dict
     provenance: dict = field(default_factory=provenance)
+    seconds: float = 0.0      # wall time of the whole run (builds, checks, timings)
+    foreign_cpu_cores: float | None = None   # other processes' CPU use meanwhile (timing.ForeignLoad)
 
     def frame(self):
         import pandas as pd
@@ -204,7 +290,8 @@ class StudyResult:
 
     def to_json(self) -> dict:
         return {"provenance": self.provenance, "llc_bytes": self.llc_bytes, "runtimes": self.runtimes,
-                "config": self.config, "rows": self.rows, "skipped": self.skipped}
+                "config": self.config, "seconds": self.seconds, "foreign_cpu_cores": self.foreign_cpu_cores,
+                "rows": self.rows, "skipped": self.skipped}
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_json())
@@ -224,12 +311,14 @@ class _Run:
     skipped: list[dict] = field(default_factory=list)
 
     def measure(self, fn, baseline, pool):
-        """(stats of fn, stats of the baseline), their calls interleaved."""
+        """(stats of fn, stats of the baseline, wall seconds spent), their calls interleaved."""
         self.bar.update(1)
         c = self.config
-        return measure_interleaved([fn, baseline], pool, warmup=c.warmup, reps=c.reps,
-                                   min_reps=c.min_reps, max_seconds=c.max_seconds, block=c.block,
-                                   switch=c.switch)
+        start = time.perf_counter()
+        stats, base = measure_interleaved([fn, baseline], pool, warmup=c.warmup, reps=c.reps,
+                                          min_reps=c.min_reps, max_seconds=c.max_seconds, block=c.block,
+                                          switch=c.switch)
+        return stats, base, time.perf_counter() - start
 
     def skip(self, context: dict, reason: str, **point) -> None:
         log.info("skipped %s: %s", point, reason)
@@ -273,9 +362,10 @@ def _run_spec(run: _Run, sweep: Sweep, index: int, spec: ModelSpec) -> None:
     for (d, b), pool in pools.items():
         reference[(d, b)] = baseline(*pool[0])
         # Timed against itself: the speed-up of this row (~1) shows the measurement noise.
-        stats, base = run.measure(baseline, baseline, pool)
+        stats, base, seconds = run.measure(baseline, baseline, pool)
         run.rows.append(_row(run, ctx, spec, Precision.FP32, BASELINE, Runtime.EAGER, b, d, stats, base,
-                             build_seconds=0.0, artifact_bytes=0, max_abs_diff=0.0, max_abs_diff_fp32=0.0))
+                             build_seconds=0.0, artifact_bytes=0, max_abs_diff=0.0, max_abs_diff_fp32=0.0,
+                             measure_seconds=seconds))
     for precision in sweep.precisions:
         for lookup in sweep.lookups:
             wanted = [r for r in sweep.runtimes if r in run.present]
@@ -292,10 +382,15 @@ def _run_spec(run: _Run, sweep: Sweep, index: int, spec: ModelSpec) -> None:
 
 
 def _baseline(model: DLRM):
-    """The training model as a user would serve it: eager, inference mode, (B, T) ids."""
+    """Native eager PyTorch FP32: the model's tables read by F.embedding_bag (one call
+    over all tables), nn.Linear MLPs, bmm interaction, in inference mode. Pure PyTorch,
+    as the reference DLRM is written: the training model itself pools through mpc's
+    compiled kernels, which would make every speed-up relative to mpc's own code."""
+    module = InferenceDLRM.from_model(model, Precision.FP32, LookupKind.TORCH_OPS)
+
     def predict(dense, cat):
         with torch.inference_mode():
-            return model.forward_onehot(dense, cat)
+            return module(dense, cat)
     return predict
 
 
@@ -331,11 +426,11 @@ def _run_runtime(run: _Run, ctx, sweep, spec, module: InferenceDLRM, runtime: Ru
                 run.bar.update(1)
                 continue
             diff_fp32 = float((compiled(*pool[0]) - reference[(d, b)]).abs().max())
-            stats, base = run.measure(compiled, baseline, pool)
+            stats, base, seconds = run.measure(compiled, baseline, pool)
             run.rows.append(_row(run, ctx, spec, precision, lookup, runtime, b, d, stats, base,
                                  build_seconds=compiled.build_seconds,
                                  artifact_bytes=compiled.artifact_bytes(),
-                                 max_abs_diff=diff, max_abs_diff_fp32=diff_fp32))
+                                 max_abs_diff=diff, max_abs_diff_fp32=diff_fp32, measure_seconds=seconds))
 
 
 def _measurements(config: StudyConfig, present: set[Runtime]) -> int:
@@ -355,16 +450,22 @@ def run_study(config: StudyConfig, progress: bool = True) -> StudyResult:
     for info in infos.values():
         if not info.available:
             log.warning("runtime %s left out: %s", info.runtime.value, info.reason)
+    start = time.perf_counter()
     prov = provenance()
     present = {r for r, i in infos.items() if i.available}
-    with pinned_threads(config.threads), tqdm(total=_measurements(config, present), desc="inference study",
-                                              unit="timing", disable=not progress) as bar:
+    with ForeignLoad() as load, pinned_threads(config.threads), \
+            tqdm(total=_measurements(config, present), desc="inference study", unit="timing",
+                 disable=not progress) as bar:
         run = _Run(config, present, {r: i.version for r, i in infos.items()}, llc_bytes(), prov["commit"], bar)
         for sweep in config.sweeps:
             for index, spec in enumerate(sweep.specs):
                 _run_spec(run, sweep, index, spec)
+    if load.cores is not None and load.cores > FOREIGN_LOAD_WARNING:
+        log.warning("other processes used %.2f CPU cores on average while the study ran: the timings "
+                    "shared the machine and their ratios are unreliable", load.cores)
     return StudyResult(run.rows, run.skipped, [i.to_json() for i in infos.values()], run.llc,
-                       config.to_json(), prov)
+                       config.to_json(), prov, seconds=time.perf_counter() - start,
+                       foreign_cpu_cores=load.cores)
 
 
 def speedup_summary(frame, by=("sweep", "precision", "lookup", "runtime", "batch")):

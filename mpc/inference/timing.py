@@ -2,9 +2,10 @@
 
 "Does Form Follow Function?" (PAPERS.md §3) reads latency against FLOPs and against the
 last-level cache; here: the LLC size as the OS reports it, the thread pinning every
-runtime is timed under, and a timer that reports the median and spread of many calls
-after warm-up. Each call takes the next input batch from a pool, so that a table larger
-than the LLC is not read from cache merely because the same ids repeat.
+runtime is timed under, a timer that reports the median and spread of many calls after
+warm-up, and the CPU time other processes took meanwhile (ForeignLoad). Each call takes
+the next input batch from a pool, so that a table larger than the LLC is not read from
+cache merely because the same ids repeat.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -182,3 +184,48 @@ def measure_latency(fn: Callable, inputs: Sequence[tuple], warmup: int = 5, reps
                     min_reps: int = 5, max_seconds: float | None = None) -> LatencyStats:
     """measure_interleaved for one function (one long turn, no switch calls)."""
     return measure_interleaved([fn], inputs, warmup, reps, min_reps, max_seconds, block=reps, switch=0)[0]
+
+
+def _busy_cpu_seconds(stat: str | os.PathLike = "/proc/stat") -> float | None:
+    """CPU seconds all processes have spent busy since boot (user, nice, system, irq,
+    softirq, steal from /proc/stat's first line); None where the file is absent."""
+    try:
+        fields = Path(stat).read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / ticks
+
+
+def _own_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)   # inductor's compiler processes
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class ForeignLoad:
+    """CPU time other processes took while a block ran, in cores on average: what shared
+    the machine with the timings. A study's ratios are only trustworthy near 0 (on a
+    2-core machine, one busy process elsewhere is 1.0 and can slow a 2-thread runtime
+    by 100x while leaving one that spins its threads almost untouched).
+
+        with ForeignLoad() as load:
+            ...
+        load.cores   # None where /proc/stat is unreadable
+    """
+
+    def __init__(self, stat: str | os.PathLike = "/proc/stat"):
+        self.stat = stat
+        self.cores: float | None = None
+
+    def __enter__(self):
+        self._busy, self._own, self._wall = _busy_cpu_seconds(self.stat), _own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        busy, wall = _busy_cpu_seconds(self.stat), time.perf_counter() - self._wall
+        if busy is not None and self._busy is not None and wall > 0:
+            foreign = (busy - self._busy) - (_own_cpu_seconds() - self._own)
+            self.cores = max(0.0, foreign / wall)
+        return False
