@@ -33,11 +33,36 @@ PROFILES: dict[str, dict[str, dict]] = {
                     "SPEED_STEPS": 10, "MPC_CONFIGS": ["int8+5%lru"], "RUNS_DIR": ""},
         "06_inference_acceleration": {"STUDY": "quick"},
     },
+    # Full Kaggle-size tables (33.8M rows) and 1M synthetic lines shared by every training
+    # notebook; ~50 minutes on 2 cores (measured: see the README).
     "default": {
         "01_memory_reduction": {"MEASURE_SCALE": 1.0},
+        "02_accuracy": {"DATA": "synthetic:full", "SAMPLES": 1_000_000, "TRAIN_SAMPLES": None, "SEEDS": [0, 1],
+                        "EVAL_EVERY": 1_000, "EVAL_SAMPLES": 20_000, "THREADS": 2,
+                        "CONFIGS": ["fp32", "int8", "int4", "int8+5%lru", "int8+5%lfu", "int4+1%lru",
+                                    "int8+5%lru:nearest"]},
+        "03_speedup": {"DATA": "synthetic:full", "SAMPLES": 1_000_000, "BENCH_TABLES": "kaggle"},
+        "04_cache_behaviour": {"DATA": "synthetic:full", "SAMPLES": 1_000_000},
+        "05_dqrm": {"DATA": "synthetic:full", "SAMPLES": 1_000_000, "TRAIN_SAMPLES": 300_000, "EVAL_SAMPLES": None,
+                    "THREADS": 2, "SCALE_PERIODS": [1, 200], "TIMING_ROUNDS": 4, "TIMING_MIN_STEPS": 400,
+                    "CURVE_SAMPLES": 100_000, "CURVE_EPOCHS": 5, "COMM_MODES": ["sparse", "sparse-int8"],
+                    "COMM_TRAIN_SAMPLES": 10_000, "COMM_EVAL_SAMPLES": 20_000, "SPEED_STEPS": 40,
+                    "RUNS_DIR": ""},
+        "06_inference_acceleration": {"STUDY": "default"},
     },
+    # The papers' scale: a full epoch of a Kaggle-size data set (45.8M lines), several seeds,
+    # every configuration. Hours to days on 2 cores; meant for a bigger machine.
     "paper": {
         "01_memory_reduction": {"MEASURE_SCALE": 1.0},
+        "02_accuracy": {"DATA": "synthetic:full", "SAMPLES": 45_840_617, "TRAIN_SAMPLES": None, "SEEDS": [0, 1, 2],
+                        "EVAL_EVERY": 20_000, "EVAL_SAMPLES": 200_000},
+        "03_speedup": {"DATA": "synthetic:full", "SAMPLES": 45_840_617, "BENCH_TABLES": "kaggle",
+                       "REPEATS": 9, "TRAFFIC_BATCHES": 5_000, "TRAFFIC_WARMUP": 1_000},
+        "04_cache_behaviour": {"DATA": "synthetic:full", "SAMPLES": 45_840_617, "BATCHES": 1_000, "WARMUP": 100},
+        "05_dqrm": {"DATA": "synthetic:full", "SAMPLES": 45_840_617, "TRAIN_SAMPLES": None, "EVAL_SAMPLES": None,
+                    "EPOCHS": 5, "SEEDS": [0, 1, 2], "THREADS": 0, "CURVE_SAMPLES": None, "CURVE_EPOCHS": 10,
+                    "COMM_WORLD": 4, "COMM_TRAIN_SAMPLES": 1_000_000, "RUNS_DIR": "runs/05_dqrm_paper"},
+        "06_inference_acceleration": {"STUDY": "paper"},
     },
 }
 

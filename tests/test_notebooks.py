@@ -149,3 +149,18 @@ def test_a_notebook_runs_with_no_parameters(tmp_path):
     assert outcome.ok, outcome.error
     rec = json.loads((tmp_path / "01_memory_reduction" / "results.json").read_text())
     assert rec["parameters"]["MEASURE_SCALE"] == 0.01  # the notebook's own default
+
+
+def test_profiles_only_set_parameters_the_notebooks_have():
+    import nbformat
+
+    from mpc.profiles import PROFILES
+    from mpc.reproduce import NOTEBOOK_DIR
+
+    for profile, entries in PROFILES.items():
+        assert set(entries) == set(notebooks()), profile
+        for name, params in entries.items():
+            cell = next(c for c in nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", 4).cells
+                        if "parameters" in c.metadata.get("tags", []))
+            declared = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
+            assert set(params) <= declared, (profile, name, set(params) - declared)
