@@ -5,7 +5,7 @@
 // of kernels/rowformat.h, i.e. exactly as tbe_quantize_rows/tbe_dequantize_rows.
 // Reference twin: mpc/embedding/cache_reference.py.
 //
-// Each thread moves the rows of its own events in event order, after deciding them
+// Each shard moves the rows of its own events in event order, after deciding them
 // (decisions read only tags/times/counts), which equals "all write-backs, then all
 // fills": a row filled in a call is accessed in it and so cannot be evicted in it, a
 // slot filled in a call cannot be emptied again in it, and a row evicted and refilled
@@ -13,9 +13,10 @@
 //
 // Determinism with threads: sets are independent (a row belongs to one set, so do its
 // LFU count, its slot and its stored row), and each access's clock value is its
-// position in its group's sequence, known up front. Each thread owns a fixed share of
-// the sets and walks the batch in order doing only their accesses, so every set sees
-// its accesses in batch order whatever the thread count. Counters are summed per thread.
+// position in its group's sequence, known up front. The sets are dealt into shards;
+// a shard's accesses are listed in batch order and walked by whichever thread takes the
+// shard, so every set sees its accesses in batch order whatever the thread count or
+// schedule. Counters are summed per thread (integers: the order does not matter).
 //
 // export: cache_prepare cache_probe cache_rebuild
 
@@ -27,6 +28,7 @@
 
 #include "cache_policy.h"
 #include "rowformat.h"
+#include "rowformat_cpu.h"
 
 namespace mpc_cache {
 
@@ -45,22 +47,24 @@ inline void check_i32(const torch::Tensor& t, const char* name) {
 CacheArrays arrays(const torch::Tensor& geometry, int64_t policy, const std::vector<torch::Tensor>& state,
                    const std::vector<torch::Tensor>& derived) {
   TORCH_CHECK(policy == kLRU || policy == kLFU, "cache policy must be 0 (LRU) or 1 (LFU), got ", policy);
-  TORCH_CHECK(state.size() >= 3 && derived.size() == 4, "cache: expected [tags, times, lfu_counts, ...] and "
-              "[order, set_state, index, slot_counts]");
+  TORCH_CHECK(state.size() >= 3 && derived.size() == 5, "cache: expected [tags, times, lfu_counts, ...] and "
+              "[order, set_state, index, slot_counts, header]");
   check_i64(geometry, "geometry");
   TORCH_CHECK(geometry.dim() == 2 && geometry.size(1) == kGeomFields, "geometry must be (G, ", (int)kGeomFields,
               ")");
   const int64_t G = geometry.size(0);
   const int64_t* geo = geometry.data_ptr<int64_t>();
-  int64_t slots = 0, sets = 0, index = 0, ordered = 0, states = 0, rows_end = 0;
+  int64_t slots = 0, sets = 0, index = 0, ordered = 0, states = 0, rows_end = 0, header = 0;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t* r = geo + g * kGeomFields;
     const bool scan = r[kIndexSize] == 0;
     TORCH_CHECK(r[kWays] >= 1 && r[kNSets] >= 1 && r[kSlotOffset] == slots && r[kSetOffset] == sets &&
                     r[kIndexOffset] == index && r[kOrderOffset] == ordered && r[kStateOffset] == states &&
                     (scan ? r[kWays] <= kScanWays
-                          : r[kIndexSize] >= 2 * r[kWays] && (r[kIndexSize] & (r[kIndexSize] - 1)) == 0),
+                          : r[kIndexSize] >= 2 * r[kWays] && (r[kIndexSize] & (r[kIndexSize] - 1)) == 0) &&
+                    (r[kHeaderOffset] == -1 || (scan && policy == kLRU && r[kHeaderOffset] == header)),
                 "cache geometry row ", g, " is inconsistent");
+    if (r[kHeaderOffset] >= 0) header += 2 * r[kWays] * r[kNSets];
     slots += r[kWays] * r[kNSets];
     sets += r[kNSets];
     index += r[kIndexSize] * r[kNSets];
@@ -76,6 +80,9 @@ CacheArrays arrays(const torch::Tensor& geometry, int64_t policy, const std::vec
   check_i32(derived[1], "set_state");
   check_i32(derived[2], "index");
   check_i32(derived[3], "slot_counts");
+  TORCH_CHECK(derived[4].device().is_cpu() && derived[4].scalar_type() == torch::kUInt8 &&
+                  derived[4].is_contiguous() && derived[4].numel() == header,
+              "cache header must be a contiguous CPU uint8 tensor of ", header, " bytes");
   TORCH_CHECK(state[0].numel() == slots && state[1].numel() == slots, "tags/times must have ", slots, " slots");
   TORCH_CHECK(policy == kLRU || state[2].numel() >= rows_end, "lfu_counts must cover ", rows_end, " rows");
   TORCH_CHECK(derived[0].numel() == 2 * ordered && derived[1].numel() == stride * states &&
@@ -83,7 +90,8 @@ CacheArrays arrays(const torch::Tensor& geometry, int64_t policy, const std::vec
               "cache order/set_state/index/slot_counts have the wrong sizes");
   return CacheArrays{state[0].data_ptr<int64_t>(), state[1].data_ptr<int64_t>(), state[2].data_ptr<int32_t>(),
                      policy == kLFU ? derived[3].data_ptr<int32_t>() : nullptr, derived[0].data_ptr<int32_t>(),
-                     derived[1].data_ptr<int32_t>(), derived[2].data_ptr<int32_t>(), stride};
+                     derived[1].data_ptr<int32_t>(), derived[2].data_ptr<int32_t>(), stride,
+                     header ? derived[4].data_ptr<uint8_t>() : nullptr};
 }
 
 void check_bounds(const torch::Tensor& bounds, int64_t parts, int64_t n, const char* name) {
@@ -94,17 +102,23 @@ void check_bounds(const torch::Tensor& bounds, int64_t parts, int64_t n, const c
   for (int64_t k = 0; k < parts; ++k) TORCH_CHECK(b[k] <= b[k + 1], name, " must be non-decreasing");
 }
 
-// Which thread handles a set: blocks of consecutive sets, so that neighbouring sets'
-// state (which shares cache lines) stays on one core.
+// Sets are dealt into kShards shards by blocks of consecutive sets (neighbouring sets'
+// state shares cache lines, so a block stays on one core); threads take whole shards
+// dynamically, so a shard of hot small tables does not hold the others up.
 constexpr int64_t kSetsPerBlock = 16;
-constexpr int64_t kPrefetchAhead = 12;  // accesses: enough to overlap DRAM latency
-inline int owner(int64_t set, int nthreads) { return (int)((set / kSetsPerBlock) % nthreads); }
+constexpr int64_t kShards = 64;
+constexpr int64_t kPrefetchAhead = 8;   // accesses of the shard: enough to overlap DRAM latency
+constexpr int64_t kPrefetchHeader = 16; // header sets: the header this far ahead, the way at kPrefetchAhead
+inline int32_t shard_of(int64_t set) { return (int32_t)((set / kSetsPerBlock) % kShards); }
 
-// The batch located: global row, table, group and set (local to the group) of every id.
+// The batch located: global row, table, group and set (local to the group) of every id,
+// and the ids grouped by shard: order[shard_start[s] .. shard_start[s+1]) are shard s's
+// positions, ascending (batch order).
 struct Located {
   std::vector<int64_t> row, set;
   std::vector<int32_t> table, group;
-  std::vector<uint8_t> owner;  // thread that handles the access's set
+  std::vector<int32_t> order;
+  int64_t shard_start[kShards + 1];
 };
 
 // indices: table-local ids, table t's at positions [table_bounds[t], table_bounds[t+1]);
@@ -112,12 +126,13 @@ struct Located {
 // outside its table.
 Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
                const torch::Tensor& table_offsets, const torch::Tensor& bounds, const torch::Tensor& geometry,
-               int nthreads = 1) {
+               bool by_shard = false) {
   check_i64(indices, "indices");
   check_i64(table_offsets, "table_offsets");
   const int64_t n = indices.numel(), T = table_offsets.numel() - 1, G = geometry.size(0);
   check_bounds(table_bounds, T, n, "table_bounds");
   check_bounds(bounds, G, n, "bounds");
+  TORCH_CHECK(n < (int64_t(1) << 31), "cache: at most 2^31 - 1 ids per batch");
   const int64_t *ids = indices.data_ptr<int64_t>(), *tb = table_bounds.data_ptr<int64_t>();
   const int64_t *toff = table_offsets.data_ptr<int64_t>(), *b = bounds.data_ptr<int64_t>();
   const int64_t* geo = geometry.data_ptr<int64_t>();
@@ -126,7 +141,7 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
   loc.set.resize(n);
   loc.table.resize(n);
   loc.group.resize(n);
-  loc.owner.resize(n);
+  std::vector<uint8_t> shard(by_shard ? n : 0);
   int64_t first_bad = n, first_stray = n;
 #pragma omp parallel reduction(min : first_bad, first_stray)
   for (int64_t t = 0; t < T; ++t) {
@@ -148,7 +163,7 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
       loc.table[i] = (int32_t)t;
       loc.group[i] = (int32_t)g;
       loc.set[i] = mix32((uint32_t)row) % (uint64_t)r[kNSets];
-      loc.owner[i] = (uint8_t)owner(r[kSetOffset] + loc.set[i], nthreads);
+      if (by_shard) shard[i] = (uint8_t)shard_of(r[kSetOffset] + loc.set[i]);
     }
   }
   if (first_bad < n) {
@@ -156,6 +171,15 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
     TORCH_CHECK(false, "id ", ids[first_bad], " out of range for table ", t, " (", toff[t + 1] - toff[t], " rows)");
   }
   TORCH_CHECK(first_stray == n, "cache: id at position ", first_stray, " is outside the rows of its cache group");
+  if (by_shard) {  // a stable counting sort of the positions by shard
+    std::fill(loc.shard_start, loc.shard_start + kShards + 1, 0);
+    for (int64_t i = 0; i < n; ++i) ++loc.shard_start[shard[i] + 1];
+    for (int64_t s = 0; s < kShards; ++s) loc.shard_start[s + 1] += loc.shard_start[s];
+    int64_t next[kShards];
+    std::copy(loc.shard_start, loc.shard_start + kShards, next);
+    loc.order.resize(n);
+    for (int64_t i = 0; i < n; ++i) loc.order[next[shard[i]]++] = (int32_t)i;
+  }
   return loc;
 }
 
@@ -173,9 +197,9 @@ struct RowData {
     using namespace mpc_rowformat;
     float* value = cache + slot * dim;
     if (evicted >= 0) {
-      quantize_row(p, value, dim, storage + evicted * rb, stochastic, row_key(step_key, evicted), purpose);
+      quantize_row_cpu(p, value, dim, storage + evicted * rb, stochastic, row_key(step_key, evicted), purpose);
     }
-    dequantize_row(p, storage + row * rb, dim, value);
+    dequantize_row_cpu(p, storage + row * rb, dim, value);
   }
 };
 
@@ -207,17 +231,19 @@ RowData row_data(const std::vector<torch::Tensor>& rowdata, int64_t precision, b
   return rd;
 }
 
-// Where one thread writes its accesses' results: thread 0 into the returned arrays,
-// the others into their own scratch arrays (writing interleaved entries of shared arrays
-// would bounce cache lines between cores), copied over afterwards.
-struct Results {
-  int64_t* slot;
-  int64_t* evicted;
-  uint8_t* filled;
-  std::vector<int64_t> slot_buf, evicted_buf;
-  std::vector<uint8_t> filled_buf;
-  std::vector<int64_t> counters, uncached;
-  int64_t touched = 0;
+// Each access's outcome, stored at its place k in loc.order: a shard's entries are
+// contiguous, so threads working on different shards never write the same cache line.
+struct Outcomes {
+  std::vector<int64_t> slot, evicted;
+  std::vector<uint8_t> filled;
+};
+
+// What one thread adds up over the shards it took.
+struct ThreadTotals {
+  std::vector<int64_t> counters;
+  int64_t touched = 0, uncached = 0;
+  std::vector<int32_t> events, rejected;  // scratch (places k), reused shard after shard
+  std::vector<int64_t> distinct;          // scratch: open-addressing set of uncached rows
 };
 
 struct Walk {
@@ -228,114 +254,97 @@ struct Walk {
   int64_t n, G, T;
 };
 
-// The rows of this thread's events, in event order (a row's write-back precedes its
-// refill): the events are known after the walk, so the rows a few events ahead are
-// prefetched, unlike at decision time.
-inline void move_rows(const RowData& rd, const std::vector<int64_t>& events, const Results& out,
-                      const int64_t* rows) {
-  constexpr size_t kAhead = 8;
-  for (size_t k = 0; k < events.size(); ++k) {
-    if (k + kAhead < events.size()) {
-      const int64_t j = events[k + kAhead];
-      __builtin_prefetch(rd.cache + out.slot[j] * rd.dim, 1, 3);
-      __builtin_prefetch(rd.storage + rows[j] * rd.rb, 0, 3);
-      if (out.evicted[j] >= 0) __builtin_prefetch(rd.storage + out.evicted[j] * rd.rb, 1, 3);
+// Distinct rows among `rows` (a shard's uncached rows; few): an open-addressing set.
+int64_t count_distinct(const std::vector<int64_t>& rows, std::vector<int64_t>& table) {
+  if (rows.empty()) return 0;
+  size_t cap = 16;
+  while (cap < 2 * rows.size()) cap <<= 1;
+  table.assign(cap, -1);
+  int64_t distinct = 0;
+  for (int64_t r : rows) {
+    size_t j = (size_t)(mix64((uint64_t)r) & (cap - 1));
+    while (table[j] >= 0 && table[j] != r) j = (j + 1) & (cap - 1);
+    if (table[j] < 0) {
+      table[j] = r;
+      ++distinct;
     }
-    const int64_t i = events[k];
-    rd.move(out.slot[i], out.evicted[i], rows[i]);
   }
+  return distinct;
 }
 
-// One thread's share of the batch: every access of the sets it owns, in batch order.
+// One shard: every access of its sets, in batch order; then the rows of its events, in
+// event order (a row's write-back precedes its refill), prefetched a few events ahead.
 template <int32_t Policy>
-void walk(const Walk& w, Results& out, int tid, int nthreads) {
+void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) {
   const Located& loc = w.loc;
-  std::vector<int64_t> rejected, events;
-  auto mine = [&](int64_t i) { return loc.owner[i] % nthreads == tid; };
-  for (int64_t i = 0; i < w.n; ++i) {
-    const int64_t j = i + kPrefetchAhead;
-    if (j < w.n && mine(j)) {
-      const int64_t* gj = w.geo + loc.group[j] * kGeomFields;
-      prefetch_set(set_ref(w.a, gj, loc.set[j]), Policy == kLFU ? w.a.row_counts : nullptr, loc.row[j]);
+  const int64_t lo = loc.shard_start[shard], hi = loc.shard_start[shard + 1];
+  const int32_t* order = loc.order.data();
+  acc.events.clear();
+  acc.rejected.clear();
+  for (int64_t k = lo; k < hi; ++k) {
+    if (k + kPrefetchHeader < hi) {
+      const int64_t j = order[k + kPrefetchHeader];
+      const SetRef sj = set_ref(w.a, w.geo + loc.group[j] * kGeomFields, loc.set[j]);
+      if (sj.fp) prefetch_set(sj, nullptr, loc.row[j]);
     }
-    if (!mine(i)) continue;
+    if (k + kPrefetchAhead < hi) {
+      const int64_t j = order[k + kPrefetchAhead];
+      const SetRef sj = set_ref(w.a, w.geo + loc.group[j] * kGeomFields, loc.set[j]);
+      if (sj.fp) prefetch_way(sj, loc.row[j]);
+      else prefetch_set(sj, Policy == kLFU ? w.a.row_counts : nullptr, loc.row[j]);
+    }
+    const int64_t i = order[k];
     const int32_t gi = loc.group[i];
     const int64_t* g = w.geo + gi * kGeomFields;
     const int64_t row = loc.row[i], start = w.clk[gi], now = start + (i - w.bnd[gi]) + 1;
     AccessResult res = access<Policy>(set_ref(w.a, g, loc.set[i]), w.a.row_counts, row, now, start);
-    const int64_t slot = res.way < 0 ? -1 : g[kSlotOffset] + loc.set[i] * g[kWays] + res.way;
-    if (res.filled) events.push_back(i);
-    int64_t* ct = out.counters.data() + loc.table[i] * kCounterFields;
+    int64_t* ct = acc.counters.data() + loc.table[i] * kCounterFields;
     ct[kLookups] += 1;
     ct[res.hit ? kHits : kMisses] += 1;
     ct[kFills] += res.filled;
-    out.touched += res.first_touch;
-    if (res.way < 0) rejected.push_back(i);
-    out.slot[i] = slot;
-    out.evicted[i] = res.evicted;
-    out.filled[i] = res.filled;
+    acc.touched += res.first_touch;
+    if (res.way < 0) acc.rejected.push_back((int32_t)k);
+    if (res.filled) acc.events.push_back((int32_t)k);
+    out.slot[k] = res.way < 0 ? -1 : g[kSlotOffset] + loc.set[i] * g[kWays] + res.way;
+    out.evicted[k] = res.evicted;
+    out.filled[k] = res.filled;
     if (res.evicted >= 0) {  // the victim's table: the group's own unless the group is shared
       const int64_t vt = w.G == w.T ? loc.table[i] : table_of(w.toff, w.T, res.evicted);
-      out.counters[vt * kCounterFields + kEvictions] += 1;
+      acc.counters[vt * kCounterFields + kEvictions] += 1;
     }
   }
-  if (w.rd.storage) move_rows(w.rd, events, out, loc.row.data());
-  // A row rejected early may be admitted by a later access (LFU counts grow): every
-  // id uses its row's final slot. Only this thread touches these sets.
-  for (int64_t i : rejected) {
+  const RowData& rd = w.rd;
+  if (rd.storage) {
+    constexpr size_t kAhead = 8;
+    const size_t ne = acc.events.size();
+    for (size_t e = 0; e < ne; ++e) {
+      if (e + kAhead < ne) {
+        const int64_t k = acc.events[e + kAhead];
+        __builtin_prefetch(rd.cache + out.slot[k] * rd.dim, 1, 3);
+        __builtin_prefetch(rd.storage + loc.row[order[k]] * rd.rb, 0, 3);
+        if (out.evicted[k] >= 0) __builtin_prefetch(rd.storage + out.evicted[k] * rd.rb, 1, 3);
+      }
+      const int64_t k = acc.events[e];
+      rd.move(out.slot[k], out.evicted[k], loc.row[order[k]]);
+    }
+  }
+  // A row rejected early may be admitted by a later access (LFU counts grow): every id
+  // uses its row's final slot. Only this shard touches these sets.
+  std::vector<int64_t> uncached;
+  for (int32_t k : acc.rejected) {
+    const int64_t i = order[k];
     const int64_t* g = w.geo + loc.group[i] * kGeomFields;
     int32_t way = find(set_ref(w.a, g, loc.set[i]), loc.row[i]);
-    if (way >= 0) out.slot[i] = g[kSlotOffset] + loc.set[i] * g[kWays] + way;
-    else out.uncached.push_back(loc.row[i]);
+    if (way >= 0) out.slot[k] = g[kSlotOffset] + loc.set[i] * g[kWays] + way;
+    else uncached.push_back(loc.row[i]);
   }
-  std::sort(out.uncached.begin(), out.uncached.end());
-  out.uncached.erase(std::unique(out.uncached.begin(), out.uncached.end()), out.uncached.end());
+  acc.uncached += count_distinct(uncached, acc.distinct);  // a row lives in one shard
 }
 
 torch::Tensor to_tensor(const std::vector<int64_t>& v) {
   auto t = torch::empty({(int64_t)v.size()}, torch::kInt64);
   std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
   return t;
-}
-
-// Merges the threads' results, adds the counters, ticks the clocks; the events in
-// access order.
-std::vector<torch::Tensor> finish(const Walk& w, std::vector<Results>& res, int used, torch::Tensor slots,
-                                  std::vector<int64_t>& evicted, std::vector<uint8_t>& filled,
-                                  torch::Tensor counters) {
-  const int64_t n = w.n;
-  int64_t* slot = slots.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    const int t = w.loc.owner[i] % used;
-    if (t == 0) continue;
-    slot[i] = res[t].slot[i];
-    evicted[i] = res[t].evicted[i];
-    filled[i] = res[t].filled[i];
-  }
-  int64_t* cnt = counters.data_ptr<int64_t>();
-  int64_t touched = 0, uncached = 0;
-  for (int t = 0; t < used; ++t) {
-    for (int64_t k = 0; k < w.T * kCounterFields; ++k) cnt[k] += res[t].counters[k];
-    touched += res[t].touched;
-    uncached += (int64_t)res[t].uncached.size();  // a row lives in one set: no double counting
-  }
-  int64_t* clk = const_cast<int64_t*>(w.clk);
-  for (int64_t g = 0; g < w.G; ++g) clk[g] += w.bnd[g + 1] - w.bnd[g];
-  std::vector<int64_t> wb_slots, wb_rows, fill_slots, fill_rows;
-  for (int64_t i = 0; i < n; ++i) {
-    if (evicted[i] >= 0) {
-      wb_slots.push_back(slot[i]);
-      wb_rows.push_back(evicted[i]);
-    }
-    if (filled[i]) {
-      fill_slots.push_back(slot[i]);
-      fill_rows.push_back(w.loc.row[i]);
-    }
-  }
-  auto stats = torch::empty({2}, torch::kInt64);
-  stats.data_ptr<int64_t>()[0] = touched;
-  stats.data_ptr<int64_t>()[1] = uncached;
-  return {slots, to_tensor(wb_slots), to_tensor(wb_rows), to_tensor(fill_slots), to_tensor(fill_rows), stats};
 }
 
 }  // namespace mpc_cache
@@ -360,40 +369,68 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
   check_i64(counters, "counters");
   TORCH_CHECK(clocks.numel() == G && counters.numel() == T * kCounterFields,
               "clocks/counters have the wrong sizes");
-  const int nt = std::min(omp_get_max_threads(), 255);
-  Located loc = locate(indices, table_bounds, table_offsets, bounds, geometry, nt);
+  Located loc = locate(indices, table_bounds, table_offsets, bounds, geometry, /*by_shard=*/true);
   RowData rd = row_data(rowdata, precision, stochastic, step_key, purpose, state[0].numel(),
                         table_offsets.data_ptr<int64_t>()[T]);
   int64_t* clk = clocks.data_ptr<int64_t>();
   Walk w{loc, a, rd, geometry.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(), table_offsets.data_ptr<int64_t>(),
          clk, n, G, T};
+  Outcomes out;
+  out.slot.resize(n);
+  out.evicted.resize(n);
+  out.filled.resize(n);
   auto slots = torch::empty({n}, torch::kInt64);
+  int64_t* slot = slots.data_ptr<int64_t>();
   std::vector<int64_t> evicted(n);
   std::vector<uint8_t> filled(n);
-  std::vector<Results> res(nt);
+  const int nt = omp_get_max_threads();
+  std::vector<ThreadTotals> totals(nt);
   int used = 1;
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = omp_get_thread_num(), nthreads = omp_get_num_threads();
-    Results& out = res[tid];
-    if (tid == 0) {
-      used = nthreads;
-      out.slot = slots.data_ptr<int64_t>();
-      out.evicted = evicted.data();
-      out.filled = filled.data();
-    } else {
-      out.slot_buf.resize(n);
-      out.evicted_buf.resize(n);
-      out.filled_buf.resize(n);
-      out.slot = out.slot_buf.data();
-      out.evicted = out.evicted_buf.data();
-      out.filled = out.filled_buf.data();
+    const int tid = omp_get_thread_num();
+#pragma omp single
+    used = omp_get_num_threads();
+    ThreadTotals& acc = totals[tid];
+    acc.counters.assign(T * kCounterFields, 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < kShards; ++s) {
+      if (policy == kLRU) walk_shard<kLRU>(w, s, out, acc);
+      else walk_shard<kLFU>(w, s, out, acc);
     }
-    out.counters.assign(T * kCounterFields, 0);
-    if (policy == kLRU) walk<kLRU>(w, out, tid, nthreads);
-    else walk<kLFU>(w, out, tid, nthreads);
+    // back to batch order (each position written once)
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = loc.order[k];
+      slot[i] = out.slot[k];
+      evicted[i] = out.evicted[k];
+      filled[i] = out.filled[k];
+    }
   }
-  return finish(w, res, used, slots, evicted, filled, counters);
+  int64_t* cnt = counters.data_ptr<int64_t>();
+  int64_t touched = 0, uncached = 0;
+  for (int t = 0; t < used; ++t) {
+    for (int64_t k = 0; k < T * kCounterFields; ++k) cnt[k] += totals[t].counters[k];
+    touched += totals[t].touched;
+    uncached += totals[t].uncached;
+  }
+  for (int64_t g = 0; g < G; ++g) clk[g] += w.bnd[g + 1] - w.bnd[g];
+  // the events in access order
+  std::vector<int64_t> wb_slots, wb_rows, fill_slots, fill_rows;
+  for (int64_t i = 0; i < n; ++i) {
+    if (evicted[i] >= 0) {
+      wb_slots.push_back(slot[i]);
+      wb_rows.push_back(evicted[i]);
+    }
+    if (filled[i]) {
+      fill_slots.push_back(slot[i]);
+      fill_rows.push_back(loc.row[i]);
+    }
+  }
+  auto stats = torch::empty({2}, torch::kInt64);
+  stats.data_ptr<int64_t>()[0] = touched;
+  stats.data_ptr<int64_t>()[1] = uncached;
+  return {slots, to_tensor(wb_slots), to_tensor(wb_rows), to_tensor(fill_slots), to_tensor(fill_rows), stats};
 }
 
 // Slot of each id's row, or -1 (eval lookups). Reads only.
@@ -438,6 +475,15 @@ void cache_rebuild(torch::Tensor geometry, int64_t policy, std::vector<torch::Te
       }
       if (s.counts) {
         for (int32_t w = 0; w < s.ways; ++w) s.counts[w] = w < fill ? a.row_counts[s.tags[w]] : 0;
+      }
+      if (s.fp) {  // fingerprints, and the filled ways by time, newest first
+        std::vector<int32_t> ways(fill);
+        std::iota(ways.begin(), ways.end(), 0);
+        std::sort(ways.begin(), ways.end(), [&](int32_t x, int32_t y) { return s.times[x] > s.times[y]; });
+        for (int32_t w = 0; w < s.ways; ++w) {
+          s.fp[w] = w < fill ? fingerprint(s.tags[w]) : kNoWay;
+          s.mru[w] = w < fill ? (uint8_t)ways[w] : kNoWay;
+        }
       }
       if (s.mask < 0) continue;  // a scan set keeps nothing else
       s.state[0] = fill;

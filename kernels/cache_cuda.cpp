@@ -89,13 +89,15 @@ std::vector<torch::Tensor> cache_prepare_cuda(torch::Tensor indices, torch::Tens
                                               std::vector<torch::Tensor> rowdata, int64_t precision,
                                               bool stochastic, int64_t step_key, int64_t purpose) {
   using namespace mpc_cache_cuda;
-  TORCH_CHECK(state.size() == 5 && derived.size() == 4, "cache_prepare_cuda: state/derived have the wrong length");
+  TORCH_CHECK(state.size() == 5 && derived.size() == 5, "cache_prepare_cuda: state/derived have the wrong length");
   check_cuda(state[0], torch::kInt64, "tags");
   check_cuda(state[1], torch::kInt64, "times");
   check_cuda(state[2], torch::kInt32, "lfu_counts");
   check_cuda(state[3], torch::kInt64, "clocks");
   check_cuda(state[4], torch::kInt64, "counters");
-  for (const auto& d : derived) check_cuda(d, torch::kInt32, "order/set_state/index/slot_counts");
+  // derived[4] (the CPU kernel's set headers) is not used on the GPU; after a move back
+  // to the CPU the module rebuilds it.
+  for (int k = 0; k < 4; ++k) check_cuda(derived[k], torch::kInt32, "order/set_state/index/slot_counts");
   uint8_t* storage = nullptr;
   float* cache = nullptr;
   int64_t dim = 0, rb = 0;
@@ -145,9 +147,11 @@ torch::Tensor cache_probe_cuda(torch::Tensor indices, torch::Tensor table_bounds
                                torch::Tensor geometry, torch::Tensor table_offsets, int64_t policy,
                                std::vector<torch::Tensor> state, std::vector<torch::Tensor> derived) {
   using namespace mpc_cache_cuda;
-  TORCH_CHECK(state.size() >= 2 && derived.size() == 4, "cache_probe_cuda: state/derived have the wrong length");
+  TORCH_CHECK(state.size() >= 2 && derived.size() == 5, "cache_probe_cuda: state/derived have the wrong length");
   check_cuda(state[0], torch::kInt64, "tags");
-  for (const auto& d : derived) check_cuda(d, torch::kInt32, "order/set_state/index/slot_counts");
+  // derived[4] (the CPU kernel's set headers) is not used on the GPU; after a move back
+  // to the CPU the module rebuilds it.
+  for (int k = 0; k < 4; ++k) check_cuda(derived[k], torch::kInt32, "order/set_state/index/slot_counts");
   Located loc = locate(indices, table_bounds, bounds, geometry, table_offsets);
   auto slots = torch::empty({indices.numel()}, indices.options());
   check_launch(mpc_cache_probe_cuda(state[0].data_ptr<int64_t>(), state[1].data_ptr<int64_t>(),

@@ -17,6 +17,17 @@
 //          time) (victim = heap[0]); state = [fill, head, tail] (LRU) or [fill] (LFU).
 // Keys never tie (times are unique per group), so the victim does not depend on how a
 // structure was built: a rebuilt set behaves exactly as the original.
+// Header (CPU, LRU scan sets; derived like the index): per set 2W bytes, fp[W] then
+// mru[W]. fp[w] is an 8-bit fingerprint of way w's row, mru lists the filled ways most
+// recent first (0xFF after the last). Lookup compares the fingerprints (one cache line)
+// and checks the tag of a matching way only; the LRU victim is mru[W-1]. An access thus
+// touches about 3 cache lines instead of the 8 of scanning 32 tags and 32 times. Every
+// access sets its way's time to the group's newest, so move-to-front keeps mru sorted
+// by time: its last way is the way of smallest time, the scan's victim.
+#if !defined(__CUDACC__) && defined(__AVX2__)
+#include <immintrin.h>
+#define MPC_CACHE_AVX2 1
+#endif
 #pragma once
 
 #include <stdint.h>
@@ -38,8 +49,9 @@ constexpr int32_t kScanWays = 32;  // = mpc.embedding.cache.SCAN_WAYS
 // index_size 0 marks a scan group; order/state offsets count structured slots/sets.
 enum GeomField : int {
   kFirstRow = 0, kRows, kWays, kNSets, kSlotOffset, kSetOffset, kIndexOffset, kIndexSize, kOrderOffset,
-  kStateOffset, kGeomFields
+  kStateOffset, kHeaderOffset, kGeomFields
 };
+constexpr uint8_t kNoWay = 0xFF;  // an empty mru entry
 // Columns of the (T, kCounterFields) int64 counters tensor.
 enum CounterField : int { kLookups = 0, kHits, kMisses, kFills, kEvictions, kCounterFields };
 
@@ -71,6 +83,8 @@ struct SetRef {
   int32_t* order;   // [2W] structured only
   int32_t* state;   // [3] LRU or [1] LFU, structured only
   int32_t* index;   // [H] structured only
+  uint8_t* fp;      // [W] fingerprints, then mru [W]; nullptr: scan the tags
+  uint8_t* mru;
   int32_t ways;
   int32_t mask;     // H - 1; -1 for a scan set
 };
@@ -85,6 +99,7 @@ struct CacheArrays {
   int32_t* state;
   int32_t* index;
   int64_t state_stride;
+  uint8_t* header = nullptr;  // nullptr: no headers (CUDA, or an LFU cache)
 };
 
 // The arrays of set `local_set` of the group whose geometry row is `g`.
@@ -95,9 +110,14 @@ MPC_CACHE_HD SetRef set_ref(const CacheArrays& a, const int64_t* g, int64_t loca
   s.times = a.times + base;
   s.counts = a.slot_counts ? a.slot_counts + base : nullptr;
   s.ways = (int32_t)W;
+  s.fp = s.mru = nullptr;
   if (g[kIndexSize] == 0) {
     s.order = s.state = s.index = nullptr;
     s.mask = -1;
+    if (a.header && g[kHeaderOffset] >= 0) {
+      s.fp = a.header + g[kHeaderOffset] + local_set * 2 * W;
+      s.mru = s.fp + W;
+    }
   } else {
     s.order = a.order + 2 * (g[kOrderOffset] + local_set * W);
     s.state = a.state + (g[kStateOffset] + local_set) * a.state_stride;
@@ -107,6 +127,64 @@ MPC_CACHE_HD SetRef set_ref(const CacheArrays& a, const int64_t* g, int64_t loca
   return s;
 }
 
+// --- headers ----------------------------------------------------------------------------
+MPC_CACHE_HD uint8_t fingerprint(int64_t row) { return (uint8_t)(mix64((uint64_t)row) >> 56); }
+
+MPC_CACHE_HD int32_t ctz32(uint32_t m) {
+#ifdef __CUDA_ARCH__
+  return __ffs((int)m) - 1;
+#else
+  return __builtin_ctz(m);
+#endif
+}
+
+// Bit w set where fp[w] == f (w < W).
+MPC_CACHE_HD uint32_t fp_matches(const uint8_t* fp, int32_t W, uint8_t f) {
+#ifdef MPC_CACHE_AVX2
+  if (W == 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(fp));
+    return (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8((char)f)));
+  }
+#endif
+  uint32_t m = 0;
+  for (int32_t w = 0; w < W; ++w) m |= (uint32_t)(fp[w] == f) << w;
+  return m;
+}
+
+// Filled ways of a header set: the position of the first empty mru entry.
+MPC_CACHE_HD int32_t mru_fill(const uint8_t* mru, int32_t W) {
+#ifdef MPC_CACHE_AVX2
+  if (W == 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mru));
+    const uint32_t m = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8((char)kNoWay)));
+    return m ? ctz32(m) : 32;
+  }
+#endif
+  int32_t n = 0;
+  while (n < W && mru[n] != kNoWay) ++n;
+  return n;
+}
+
+// Move way w from mru[pos] (pos = fill: not yet listed) to the front.
+MPC_CACHE_HD void mru_to_front(uint8_t* mru, int32_t pos, int32_t w) {
+  for (int32_t k = pos; k > 0; --k) mru[k] = mru[k - 1];
+  mru[0] = (uint8_t)w;
+}
+
+MPC_CACHE_HD int32_t mru_pos(const uint8_t* mru, int32_t W, int32_t w) {
+  const uint32_t m = fp_matches(mru, W, (uint8_t)w);  // the same byte compare
+  return ctz32(m);  // w is listed exactly once
+}
+
+// Way holding `row` in a header set, or -1 (empty ways hold tag -1: never a match).
+MPC_CACHE_HD int32_t header_find(const SetRef& s, int64_t row) {
+  for (uint32_t m = fp_matches(s.fp, s.ways, fingerprint(row)); m; m &= m - 1) {
+    const int32_t w = ctz32(m);
+    if (s.tags[w] == row) return w;
+  }
+  return -1;
+}
+
 // Ask for the cache lines an access to `row` in set s will touch (CPU only): the set's
 // tags and times (and slot counts), or the index bucket of a structured set, and the
 // row's LFU count. The batch is known up front, so prefetching a few accesses ahead
@@ -114,7 +192,10 @@ MPC_CACHE_HD SetRef set_ref(const CacheArrays& a, const int64_t* g, int64_t loca
 MPC_CACHE_HD void prefetch_set(const SetRef& s, const int32_t* row_counts, int64_t row) {
 #if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
   const int64_t bytes = (int64_t)s.ways * 8;
-  if (s.mask < 0) {
+  if (s.fp) {  // the header now; the way's tag and time later (prefetch_way)
+    __builtin_prefetch(s.fp, 1, 3);
+    __builtin_prefetch(s.fp + 2 * s.ways - 1, 1, 3);
+  } else if (s.mask < 0) {
     for (int64_t b = 0; b < bytes; b += 64) {
       __builtin_prefetch(reinterpret_cast<const char*>(s.tags) + b, 0, 3);
       __builtin_prefetch(reinterpret_cast<const char*>(s.times) + b, 1, 3);
@@ -124,6 +205,24 @@ MPC_CACHE_HD void prefetch_set(const SetRef& s, const int32_t* row_counts, int64
     __builtin_prefetch(s.index + ((int32_t)(mix64((uint64_t)row) >> 32) & s.mask), 0, 3);
   }
   if (row_counts) __builtin_prefetch(row_counts + row, 1, 3);
+#endif
+}
+
+// Once the header is in cache: the tag and time of the way an access will use (the
+// matching way, else the way it would fill or evict). A guess (earlier accesses may
+// change the set first); only what is fetched depends on it.
+MPC_CACHE_HD void prefetch_way(const SetRef& s, int64_t row) {
+#if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
+  const uint32_t m = fp_matches(s.fp, s.ways, fingerprint(row));
+  int32_t w;
+  if (m) {
+    w = ctz32(m);
+  } else {
+    const int32_t fill = mru_fill(s.mru, s.ways);
+    w = fill < s.ways ? fill : s.mru[s.ways - 1];
+  }
+  __builtin_prefetch(s.tags + w, 1, 3);
+  __builtin_prefetch(s.times + w, 1, 3);
 #endif
 }
 
@@ -161,6 +260,7 @@ MPC_CACHE_HD int32_t home(const SetRef& s, int64_t row) {
 
 // Way holding `row`, or -1. A scan stops at the first empty way (the rest are empty).
 MPC_CACHE_HD int32_t find(const SetRef& s, int64_t row) {
+  if (s.fp) return header_find(s, row);
   if (s.mask < 0) {
     for (int32_t w = 0; w < s.ways; ++w) {
       if (s.tags[w] == row) return w;
@@ -305,8 +405,40 @@ MPC_CACHE_HD void install(const SetRef& s, int32_t w, int64_t row, int64_t now, 
 // One access of `row` at clock `now`; `start` is the group's clock before this prepare
 // call (a way with time > start was accessed in this call and must not be evicted).
 // row_counts: LFU counts of every row (unused under LRU).
+// access() for an LRU set with a header (see the top of this file): the same decisions.
+MPC_CACHE_HD AccessResult access_header_lru(const SetRef& s, int64_t row, int64_t now, int64_t start) {
+  AccessResult res = {-1, -1, false, false, false};
+  const int32_t W = s.ways, fill = mru_fill(s.mru, W);
+  int32_t w = header_find(s, row);
+  if (w >= 0) {
+    res.first_touch = s.times[w] <= start;
+    s.times[w] = now;
+    mru_to_front(s.mru, mru_pos(s.mru, W, w), w);
+    res.way = w;
+    res.hit = true;
+    return res;
+  }
+  if (fill < W) {
+    w = fill;  // the lowest empty way
+    mru_to_front(s.mru, fill, w);
+  } else {
+    w = s.mru[W - 1];                    // least recently used
+    if (s.times[w] > start) return res;  // needed this step
+    res.evicted = s.tags[w];
+    mru_to_front(s.mru, W - 1, w);
+  }
+  s.tags[w] = row;
+  s.times[w] = now;
+  s.fp[w] = fingerprint(row);
+  res.way = w;
+  res.filled = true;
+  res.first_touch = true;
+  return res;
+}
+
 template <int32_t Policy>
 MPC_CACHE_HD AccessResult access(const SetRef& s, int32_t* row_counts, int64_t row, int64_t now, int64_t start) {
+  if (Policy == kLRU && s.fp) return access_header_lru(s, row, now, start);
   AccessResult res = {-1, -1, false, false, false};
   int32_t count = 0;
   if (Policy == kLFU) {

@@ -187,6 +187,19 @@ MPC_HD int quantize_code(float x, const QParams& qp, int maxq, bool stochastic, 
   return r >= (float)maxq ? maxq : (int)r;
 }
 
+// A row's min and max as torch.aminmax gives them: NaN if the row holds a NaN (then
+// every code is 0); of equal values (+0 and -0) the first is kept.
+MPC_HD void row_min_max(const float* x, int dim, float* lo_out, float* hi_out) {
+  float lo = x[0], hi = x[0];
+  for (int c = 1; c < dim; ++c) {
+    const bool nan = x[c] != x[c];
+    lo = (x[c] < lo || nan) ? x[c] : lo;
+    hi = (x[c] > hi || nan) ? x[c] : hi;
+  }
+  *lo_out = lo;
+  *hi_out = hi;
+}
+
 // Scale and bias of an integer row.
 MPC_HD void load_qparams(int p, const uint8_t* row, int dim, float* scale, float* bias) {
   const uint8_t* sb = row + packed_bytes(p, dim);
@@ -233,11 +246,8 @@ MPC_HD void quantize_row(int p, const float* x, int dim, uint8_t* row, bool stoc
     }
     return;
   }
-  float lo = x[0], hi = x[0];
-  for (int c = 1; c < dim; ++c) {
-    lo = x[c] < lo ? x[c] : lo;
-    hi = x[c] > hi ? x[c] : hi;
-  }
+  float lo, hi;
+  row_min_max(x, dim, &lo, &hi);
   QParams qp = row_qparams(p, lo, hi);
   int bits = bits_of(p), per = 8 / bits, maxq = (1 << bits) - 1;
   int64_t nb = packed_bytes(p, dim);

@@ -25,6 +25,7 @@
 #endif
 
 #include "rowformat.h"
+#include "rowformat_cpu.h"
 
 namespace mpc_tbe {
 using namespace mpc_rowformat;
@@ -406,27 +407,30 @@ torch::Tensor tbe_pool(int64_t precision, torch::Tensor weights, torch::Tensor t
 
 namespace mpc_tbe {
 
-// Stable LSD radix sort of (row << 32 | position) keys by row: positions stay in
-// index order within a row. Keys arrive in position order.
-void sort_by_row(std::vector<uint64_t>& keys, int64_t rows) {
-  std::vector<uint64_t> tmp(keys.size());
+// Stable LSD radix sort of keys[lo, hi) = (row << 32 | position), rows in [base,
+// base + rows), by row: positions stay in index order within a row. Keys arrive in
+// position order. `tmp` is scratch of at least hi - lo entries.
+void sort_by_row(uint64_t* keys, int64_t n, int64_t base, int64_t rows, uint64_t* tmp) {
   constexpr int kBits = 11;
   constexpr uint64_t kMask = (1u << kBits) - 1;
-  int row_bits = 1;
+  int row_bits = 0;
   while (row_bits < 32 && (int64_t(1) << row_bits) < rows) ++row_bits;
-  for (int shift = 32; shift < 32 + row_bits; shift += kBits) {
-    std::vector<int64_t> count(kMask + 2, 0);
-    for (uint64_t k : keys) ++count[((k >> shift) & kMask) + 1];
-    for (size_t i = 1; i < count.size(); ++i) count[i] += count[i - 1];
-    for (uint64_t k : keys) tmp[count[(k >> shift) & kMask]++] = k;
-    keys.swap(tmp);
+  int64_t count[kMask + 2];
+  uint64_t *src = keys, *dst = tmp;
+  for (int shift = 0; shift < row_bits; shift += kBits) {
+    std::fill(count, count + kMask + 2, 0);
+    for (int64_t i = 0; i < n; ++i) ++count[((((src[i] >> 32) - base) >> shift) & kMask) + 1];
+    for (uint64_t d = 1; d <= kMask + 1; ++d) count[d] += count[d - 1];
+    for (int64_t i = 0; i < n; ++i) dst[count[(((src[i] >> 32) - base) >> shift) & kMask]++] = src[i];
+    std::swap(src, dst);
   }
+  if (src != keys) std::copy(src, src + n, keys);
 }
 
 struct Groups {
   std::vector<uint64_t> keys;   // (row << 32 | position), sorted by (row, position)
   std::vector<int64_t> starts;  // segment boundaries in keys, one segment per distinct row
-  std::vector<int64_t> bag_of;  // bag of each position
+  std::vector<int64_t> grad_of; // row of grad_out (sample * T + table) of each position's bag
 };
 
 Groups group_by_row(const Batch& b) {
@@ -434,7 +438,7 @@ Groups group_by_row(const Batch& b) {
               "sgd_update supports < 2^32 indices and rows");
   Groups g;
   g.keys.resize(b.N);
-  g.bag_of.resize(b.N);
+  g.grad_of.resize(b.N);
   FirstError bad_id(b.N), bad_bag(b.T * b.B);
   parallel_chunks(b.T * b.B, 256, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -445,15 +449,26 @@ Groups group_by_row(const Batch& b) {
         const int64_t id = b.indices[p];
         if (id < 0 || id >= card) { bad_id.note(p); continue; }
         g.keys[p] = (uint64_t(base + id) << 32) | uint64_t(p);
-        g.bag_of[p] = k;
+        g.grad_of[p] = (k - t * b.B) * b.T + t;
       }
     }
   });
   raise_bad_offsets(b, bad_bag);
   if (bad_id.pos.load() < b.N) raise_bad_id(b, bad_id.pos.load());
-  sort_by_row(g.keys, b.rows);
-  for (int64_t i = 0; i < b.N; ++i)
-    if (i == 0 || (g.keys[i] >> 32) != (g.keys[i - 1] >> 32)) g.starts.push_back(i);
+  // Table t's positions are one range and its rows another, above table t-1's: sorting
+  // each table's range by row sorts the whole (tables in parallel).
+  std::vector<std::vector<int64_t>> starts(b.T);
+  std::vector<uint64_t> tmp(b.N);
+  parallel_chunks(b.T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = b.offsets[t * b.B], hi = b.offsets[(t + 1) * b.B];
+      const int64_t base = b.table_offsets[t];
+      sort_by_row(g.keys.data() + lo, hi - lo, base, b.table_offsets[t + 1] - base, tmp.data() + lo);
+      for (int64_t i = lo; i < hi; ++i)
+        if (i == lo || (g.keys[i] >> 32) != (g.keys[i - 1] >> 32)) starts[t].push_back(i);
+    }
+  });
+  for (const auto& st : starts) g.starts.insert(g.starts.end(), st.begin(), st.end());
   g.starts.push_back(b.N);
   return g;
 }
@@ -480,9 +495,7 @@ void update_rows(const Batch& b, const Groups& g, const Cache& cache, uint8_t* w
                  const float* grads, float lr, bool stochastic, uint32_t step_key) {
   const int64_t rb = row_bytes(p, D), nseg = (int64_t)g.starts.size() - 1, n = b.N;
   auto grad_of = [&](int64_t i) {  // gradient row of sorted key i
-    const int64_t k = g.bag_of[g.keys[i] & 0xFFFFFFFFu];
-    const int64_t t = k / b.B;
-    return grads + ((k - t * b.B) * b.T + t) * D;
+    return grads + g.grad_of[g.keys[i] & 0xFFFFFFFFu] * D;
   };
   auto target_of = [&](int64_t s, int64_t* slot) {  // row written by segment s
     const uint64_t key = g.keys[g.starts[s]];
@@ -508,9 +521,9 @@ void update_rows(const Batch& b, const Groups& g, const Cache& cache, uint8_t* w
         continue;
       }
       const int64_t r = int64_t(g.keys[g.starts[s]] >> 32);
-      dequantize_row(p, target, D, row.data());
+      dequantize_row_cpu(p, target, D, row.data());
       for (int c = 0; c < D; ++c) row[c] = row[c] - lr * gsum[c];
-      quantize_row(p, row.data(), D, target, stochastic, row_key(step_key, r), kPurposeUpdate);
+      quantize_row_cpu(p, row.data(), D, target, stochastic, row_key(step_key, r), kPurposeUpdate);
     }
   });
 }
@@ -568,7 +581,7 @@ torch::Tensor tbe_quantize_rows(int64_t precision, torch::Tensor x, bool stochas
   const int64_t rb = row_bytes(p, dim);
   parallel_chunks(n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      quantize_row(p, xs + i * dim, (int)dim, o + i * rb, stochastic,
+      quantize_row_cpu(p, xs + i * dim, (int)dim, o + i * rb, stochastic,
                    row_key((uint32_t)step_key, ids[i]), (int)purpose);
   });
   return out;
@@ -584,7 +597,7 @@ torch::Tensor tbe_dequantize_rows(int64_t precision, torch::Tensor storage, int6
   const uint8_t* s = reinterpret_cast<const uint8_t*>(storage.data_ptr());
   float* o = out.data_ptr<float>();
   parallel_chunks(n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dequantize_row(p, s + i * rb, (int)dim, o + i * dim);
+    for (int64_t i = begin; i < end; ++i) dequantize_row_cpu(p, s + i * rb, (int)dim, o + i * dim);
   });
   return out;
 }

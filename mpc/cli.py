@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("bench", "train", "main"):
+        # training and benchmarks (all contenders alike) under the same malloc settings
+        from mpc.cpu_settings import tune_cpu
+
+        tune_cpu()
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -51,12 +51,12 @@ def memory_breakdown(cardinalities, dim: int, precision: Precision | str,
     if cache.fraction == 0:
         return out
     layout = cache_layout(cards, cache)
-    kl = KernelLayout.of(layout)
+    kl = KernelLayout.of(layout, cache.policy)
     slots, groups, lfu = layout.slots, len(layout.groups), cache.policy is CachePolicy.LFU
     out["cache_values"] = slots * dim * FP32
     out["cache_tags"] = slots * INT64 + kl.index_entries * INT32
     out["cache_policy_state"] = (slots * INT64 + (slots * INT32 if lfu else 0) + kl.ordered_slots * 2 * INT32
-                                 + kl.structured_sets * set_state_width(cache.policy) * INT32)
+                                 + kl.structured_sets * set_state_width(cache.policy) * INT32 + kl.header_bytes)
     out["lfu_counts"] = rows * INT32 if lfu else 0
     out["cache_bookkeeping"] = (groups * INT64 + len(cards) * len(COUNTER_NAMES) * INT64
                                 + len(TRAFFIC_FIELDS) * INT64 + groups * len(GEOMETRY_FIELDS) * INT64

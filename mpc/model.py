@@ -85,10 +85,61 @@ def mlp(sizes: tuple[int, ...], generator: torch.Generator, last_relu: bool) -> 
 
 
 def dot_interaction(x: torch.Tensor, emb: torch.Tensor, li: torch.Tensor, lj: torch.Tensor) -> torch.Tensor:
-    """[x | strictly-lower-triangular entries of Z Z^T], Z = [x; emb]."""
+    """[x | strictly-lower-triangular entries of Z Z^T], Z = [x; emb].
+
+    The reference's formulation, written for clarity; `DotInteraction` computes the same
+    with a cheaper backward and is what the model runs (tests compare the two).
+    """
     z = torch.cat([x.unsqueeze(1), emb], dim=1)          # (B, T+1, D)
     zz = torch.bmm(z, z.transpose(1, 2))                 # (B, T+1, T+1)
     return torch.cat([x, zz[:, li, lj]], dim=1)          # (B, D + (T+1)T/2)
+
+
+class _PairDots(torch.autograd.Function):
+    """Z (B, n, D) -> the n(n-1)/2 dots z_i . z_j, i > j, in torch.tril_indices order.
+
+    Autograd of `zz[:, li, lj]` zero-fills a (B, n, n) gradient, scatters into it with
+    accumulation and runs two bmm. Here the backward builds the symmetric matrix S
+    (S_ij = S_ji = dL/d(z_i . z_j), S_ii = 0) with one gather and returns S Z: one bmm.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, flat: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z, sym)
+        zz = torch.bmm(z, z.transpose(1, 2))
+        return zz.view(z.shape[0], -1).index_select(1, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, sym = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(grad.shape[0], 1)], dim=1)  # last column: the diagonal's 0
+        s = padded.index_select(1, sym).view(z.shape[0], z.shape[1], z.shape[1])
+        return torch.bmm(s, z), None, None
+
+
+class DotInteraction(nn.Module):
+    """DLRM's dot interaction for n = T + 1 vectors: same values as `dot_interaction`."""
+
+    def __init__(self, num_vectors: int):
+        super().__init__()
+        n = num_vectors
+        li, lj = torch.tril_indices(n, n, offset=-1)
+        pairs = torch.arange(len(li))
+        sym = torch.full((n, n), len(li), dtype=torch.int64)  # len(li): the zero column
+        sym[li, lj] = pairs
+        sym[lj, li] = pairs
+        self.register_buffer("li", li, persistent=False)
+        self.register_buffer("lj", lj, persistent=False)
+        self.register_buffer("flat", li * n + lj, persistent=False)
+        self.register_buffer("sym", sym.flatten(), persistent=False)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([x.unsqueeze(1), emb], dim=1)
+        if torch.is_grad_enabled() and z.requires_grad:
+            dots = _PairDots.apply(z, self.flat, self.sym)
+        else:
+            dots = torch.bmm(z, z.transpose(1, 2)).flatten(1).index_select(1, self.flat)
+        return torch.cat([x, dots], dim=1)
 
 
 class DLRM(nn.Module):
@@ -104,16 +155,13 @@ class DLRM(nn.Module):
             quantize_linears(self.bottom, config.mlp_bits, config.mlp_quant)
             quantize_linears(self.top, config.mlp_bits, config.mlp_quant)
         self.embedding = embedding if embedding is not None else build_embedding(config.embedding)
-        n = config.embedding.num_tables + 1
-        li, lj = torch.tril_indices(n, n, offset=-1)
-        self.register_buffer("li", li, persistent=False)
-        self.register_buffer("lj", lj, persistent=False)
+        self.interaction = DotInteraction(config.embedding.num_tables + 1)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Logits (B,) from dense (B, 13) and jagged table-major ids (see embedding.base)."""
         x = self.bottom(dense)                           # (B, D)
         emb = self.embedding(indices, offsets)           # (B, T, D)
-        return self.top(dot_interaction(x, emb, self.li, self.lj)).squeeze(1)
+        return self.top(self.interaction(x, emb)).squeeze(1)
 
     def forward_onehot(self, dense: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         """Logits from dense (B, 13) and one id per table per sample, cat (B, T)."""

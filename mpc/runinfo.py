@@ -66,8 +66,15 @@ def provenance() -> dict:
     return {
         "commit": git_commit(),
         "machine": machine_info(),
+        "cpu_settings": _cpu_settings(),
         "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cpu_settings() -> dict:
+    from mpc.cpu_settings import cpu_settings
+
+    return cpu_settings()
 
 
 def peak_rss_bytes() -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mpc.cpu_settings import tune_cpu
 from mpc.data.format import Dataset
 from mpc.data.loader import Batch, BatchLoader
 from mpc.embedding import EmbeddingConfig, jagged_from_dense
@@ -87,6 +88,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None):
         self.config = c = config
+        tune_cpu()
         if c.threads:
             torch.set_num_threads(c.threads)
         torch.manual_seed(c.seed)

@@ -14,6 +14,10 @@ from mpc.runinfo import atomic_directory
 # A kernel that fails to build must fail the tests, not fall back silently.
 os.environ.setdefault("MPC_REQUIRE_KERNELS", "1")
 os.environ.setdefault("MPC_BUILD_DIR", os.path.expanduser("~/.cache/mpc/extensions"))
+# Training and benchmarks switch on process-wide CPU settings (mpc.cpu_settings: malloc
+# thresholds, flush-denormal); tests run without them, so that no test's numerics depend
+# on which test ran first. tests/test_cpu_settings.py checks them in a fresh process.
+os.environ.setdefault("MPC_CPU_TUNING", "0")
 
 SMALL_CARDS = [7, 30, 200, 150, 5, 3, 60, 25, 3, 90, 40, 180, 35, 4, 70, 160, 2, 45, 30, 3, 170, 4, 3, 80,
                10, 100]

@@ -160,6 +160,30 @@ def test_quantize_and_dequantize_rows_match_reference(kops, precision, dim, roun
     assert torch.equal(d_kernel, REF.dequantize_rows(precision, q_ref, dim))
 
 
+@pytest.mark.parametrize("rounding", list(Rounding), ids=lambda r: r.value)
+@pytest.mark.parametrize("dim", [5, 8, 16, 24, 64])
+@pytest.mark.parametrize("precision", [Precision.INT8, Precision.INT4], ids=lambda p: p.value)
+def test_rows_match_reference_on_edge_values(kops, precision, dim, rounding):
+    """Scalar and AVX2 paths (INT8/INT4, dim % 8 == 0) on rows that stress the rounding rules."""
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(64, dim, generator=g) * 10 ** torch.randint(-6, 4, (64, 1), generator=g).float()
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2, ::2] = -0.0                             # signed zeros: the bias keeps its sign
+    x[3] = 1e-30                                 # a constant, tiny row
+    x[4, 0], x[4, 1] = 3e38, -3e38               # range overflows to inf
+    x[5, 3] = float("nan")                       # a NaN makes scale and bias NaN, every code 0
+    x[6] = torch.arange(dim, dtype=torch.float32) # exact code boundaries (ties under nearest)
+    rows = torch.randint(0, 2**40, (64,), generator=g)
+    q_kernel = kops.quantize_rows(precision, x, rounding, 3, 7, rows, rng.PURPOSE_UPDATE)
+    q_ref = REF.quantize_rows(precision, x, rounding, 3, 7, rows, rng.PURPOSE_UPDATE)
+    assert torch.equal(as_bytes(q_kernel), as_bytes(q_ref))
+    d_kernel = kops.dequantize_rows(precision, q_kernel, dim)
+    d_ref = REF.dequantize_rows(precision, q_ref, dim)
+    assert torch.equal(d_kernel.isnan(), d_ref.isnan())
+    assert torch.equal(d_kernel.nan_to_num(), d_ref.nan_to_num())
+
+
 def test_stochastic_rounding_depends_on_seed_step_row_and_purpose(kops):
     x = torch.randn(40, 16)
     rows = torch.arange(40)

@@ -55,9 +55,10 @@ def test_components_by_hand():
     # INT4, dim 13: 7 bytes of values + fp16 scale + fp16 bias per row.
     parts = memory_breakdown((100, 20), 13, "int4", CacheConfig(0.1, "lru", 32))
     assert parts["values"] == 120 * 7 and parts["scale_bias"] == 120 * 4
-    # capacities 10 and 2 (scan sets of 10 and 2 ways): 12 slots of 13 floats, int64 tag and time
+    # capacities 10 and 2 (scan sets of 10 and 2 ways): 12 slots of 13 floats, int64 tag and
+    # time, and (LRU scan sets) a 1-byte fingerprint and a 1-byte recency entry per slot
     assert parts["cache_values"] == 12 * 13 * 4
-    assert parts["cache_tags"] == 12 * 8 and parts["cache_policy_state"] == 12 * 8
+    assert parts["cache_tags"] == 12 * 8 and parts["cache_policy_state"] == 12 * (8 + 2)
     assert parts["lfu_counts"] == 0
     lfu = memory_breakdown((100, 20), 13, "int4", CacheConfig(0.1, "lfu", 32))
     assert lfu["lfu_counts"] == 120 * 4 and lfu["cache_policy_state"] == 12 * (8 + 4)

@@ -11,7 +11,7 @@ from mpc.bench.baseline import baseline_dlrm, baseline_optimizer
 from mpc.criteo import KAGGLE_CARDINALITIES
 from mpc.embedding import EmbeddingConfig, build_embedding, jagged_from_dense
 from mpc.embedding.base import check_indices
-from mpc.model import DLRM, DLRMConfig, dot_interaction
+from mpc.model import DLRM, DLRMConfig, DotInteraction, dot_interaction
 from mpc.train import sgd_step
 
 CARDS = (11, 5, 40, 3, 17)
@@ -46,6 +46,25 @@ def test_interaction_matches_a_naive_loop():
     assert out.shape == (B, D + (T + 1) * T // 2)
     assert torch.allclose(out[:, :D], x)
     assert torch.allclose(out[:, D:], torch.tensor(naive), atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 4, 26])
+def test_fast_interaction_matches_the_reference_with_gradients(T):
+    B, D = 7, 5
+    g = torch.Generator().manual_seed(T)
+    x0, e0 = torch.randn(B, D, generator=g), torch.randn(B, T, D, generator=g)
+    li, lj = torch.tril_indices(T + 1, T + 1, offset=-1)
+    upstream = torch.randn(B, D + len(li), generator=g)
+    grads = []
+    for f in (lambda x, e: dot_interaction(x, e, li, lj), DotInteraction(T + 1)):
+        x, e = x0.clone().requires_grad_(), e0.clone().requires_grad_()
+        out = f(x, e)
+        out.backward(upstream)
+        grads.append((out.detach(), x.grad, e.grad))
+    for ref, fast in zip(grads[0], grads[1]):
+        assert torch.allclose(ref, fast, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the inference path gives the same values
+        assert torch.allclose(DotInteraction(T + 1)(x0, e0), grads[0][0], atol=1e-6)
 
 
 def test_reference_initialisation_statistics():

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mpc.bench import record
-from mpc.bench.common import median, print_table, random_batch
+from mpc.bench.common import median, paired_ratio, print_table, random_batch
 from mpc.criteo import KAGGLE_CARDINALITIES
 from mpc.embedding import CacheConfig, EmbeddingConfig, build_embedding, jagged_from_dense
 from mpc.errors import UserError
@@ -142,9 +142,10 @@ def window_stats(before: dict, after: dict) -> dict:
 def timed_rounds(contenders, stream, args) -> dict[str, list[float]]:
     """Seconds per iteration of each contender, one value per round (fresh batches)."""
     times = {c.name: [] for c in contenders}
-    for _ in tqdm(range(args.rounds), desc="timed rounds", leave=False):
+    for r in tqdm(range(args.rounds), desc="timed rounds", leave=False):
         batches = [next(stream) for _ in range(args.steps)]
-        for c in contenders:
+        k = r % len(contenders)  # rotate the order: none always runs first
+        for c in contenders[k:] + contenders[:k]:
             t0 = time.perf_counter()
             for b in batches:
                 c.step(b)
@@ -177,17 +178,16 @@ def run_bench(args) -> dict:
 
 
 def report(args, cards, contenders, times, window) -> dict:
-    base = median(times[contenders[0].name])
     rows, results = [], {"seconds_per_iteration": {}, "ratio_vs_baseline": {}, "memory_bytes": {}}
     for c in contenders:
         t = median(times[c.name])
         mem = (sum(c.embedding.memory_bytes().values()) if hasattr(c.embedding, "memory_bytes")
                else sum(p.nbytes for p in c.embedding.parameters()))
         results["seconds_per_iteration"][c.name] = t
-        results["ratio_vs_baseline"][c.name] = base / t
+        results["ratio_vs_baseline"][c.name] = paired_ratio(times, contenders[0].name, c.name)
         results["memory_bytes"][c.name] = mem
         rows.append({"contender": c.name, "ms/iter": 1e3 * t, "samples/s": args.batch / t,
-                     "vs baseline": base / t, "embedding MB": mem / 1e6})
+                     "vs baseline": results["ratio_vs_baseline"][c.name], "embedding MB": mem / 1e6})
     results["rounds_seconds_per_iteration"] = times
     results["cache_window"] = window
     print(f"{args.model} iterations, batch {args.batch}, {len(cards)} tables, {sum(cards):,} rows, dim {args.dim}, "

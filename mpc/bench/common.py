@@ -42,15 +42,30 @@ def random_batch(rng: np.random.Generator, cardinalities, batch_size: int, expon
 
 
 def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, inner: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, `rounds` times, interleaved so drift hits all alike."""
+    """Seconds per call of each function, `rounds` times, interleaved so drift hits all alike.
+
+    The order of the functions rotates from round to round, so that none is always the
+    one that runs first (after another's cache-evicting work) or last.
+    """
     out = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
             out[name].append((time.perf_counter() - t0) / inner)
     return out
+
+
+def paired_ratio(times: dict[str, list[float]], baseline: str, name: str) -> float:
+    """Median over rounds of baseline time / contender time, each pair timed in one round.
+
+    A slow patch on a shared machine slows both members of a round's pair, so the ratio
+    of the pair moves much less than either median does.
+    """
+    return statistics.median(b / t for b, t in zip(times[baseline], times[name]))
 
 
 def median(xs) -> float:

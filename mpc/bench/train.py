@@ -6,8 +6,9 @@ default. The baseline is 26 `nn.EmbeddingBag(sparse=True)` + `torch.optim.SGD` o
 parameters (mpc.bench.baseline); mpc's configurations are fused table-batched backends
 (`--configs fp32 int8+5%lru ...`, specs as in mpc.experiments.setup). Every round uses
 fresh batches (a cache must not be timed on ids it has already seen), rounds are
-interleaved across configurations, and the median is reported with ratios vs the
-baseline and vs mpc fp32.
+interleaved across configurations (their order rotating), and the median is reported;
+the ratios vs the baseline and vs mpc fp32 are medians of the per-round ratios (each
+pair timed back to back: robust to a slow patch of a shared machine).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from mpc.bench import record
 from mpc.bench.baseline import baseline_dlrm, baseline_optimizer
-from mpc.bench.common import median, print_table, random_batch, time_rounds
+from mpc.bench.common import median, paired_ratio, print_table, random_batch, time_rounds
 from mpc.criteo import KAGGLE_CARDINALITIES
 from mpc.embedding import jagged_from_dense
 from mpc.errors import UserError
@@ -53,11 +54,42 @@ def build_contenders(cards, specs, seed: int, lr: float):
     return {"baseline": (base, baseline_optimizer(base, lr)), **models}
 
 
+def warm_caches(contenders, cards, batch_size: int, iterations: int, rng, zipf: float) -> dict:
+    """Bring every cached contender's cache to its steady state before timing.
+
+    A cache starts empty: its first iterations fill it (a fill and a write-back per
+    miss), which training does once per run, not per step. Embedding-only training steps
+    (gradient of the pooled sum) on fresh Zipf batches, as `bench cache --warmup` does.
+    Returns each cached contender's hit rate over the last tenth of the warm-up.
+    """
+    hit_rates = {}
+    for name, (model, _) in contenders.items():
+        emb = model.embedding
+        if not hasattr(emb, "cache") or iterations == 0:
+            continue
+        tail = max(1, iterations // 10)
+        for k in range(iterations):
+            if k == iterations - tail:
+                before = emb.stats()["totals"]
+            _, cat, _ = random_batch(rng, cards, batch_size, zipf)
+            emb(*jagged_from_dense(cat)).sum().backward()
+        after = emb.stats()["totals"]
+        looked = after["lookups"] - before["lookups"]
+        hit_rates[name] = (after["hits"] - before["hits"]) / looked if looked else 0.0
+    return hit_rates
+
+
 def time_training(cards, specs, batch_sizes, steps: int, repeats: int, seed: int = 0, lr: float = 0.1,
-                  zipf: float = 1.05, warmup_steps: int | None = None) -> dict:
-    """Samples/s of every contender per batch size, with ratios (see the module doc)."""
+                  zipf: float = 1.05, warmup_steps: int | None = None, cache_warmup: int = 0) -> dict:
+    """Samples/s of every contender per batch size, with ratios (see the module doc).
+
+    `cache_warmup` embedding-only iterations (at the largest batch size) bring the caches
+    to their steady state first (see warm_caches).
+    """
     contenders = build_contenders(cards, specs, seed, lr)
     rng = np.random.default_rng(seed)
+    warm_batch = max(batch_sizes) if batch_sizes else 0
+    warm_hit_rate = warm_caches(contenders, cards, warm_batch, cache_warmup, rng, zipf) if batch_sizes else {}
     out = {}
     for bs in batch_sizes:
         warm = warmup_steps if warmup_steps is not None else steps
@@ -85,9 +117,11 @@ def time_training(cards, specs, batch_sizes, steps: int, repeats: int, seed: int
         sps = {name: bs * steps / median(t) for name, t in times.items()}
         stats = {name: m.embedding.stats() for name, (m, _) in contenders.items() if hasattr(m.embedding, "stats")}
         out[str(bs)] = {"samples_per_second": sps, "seconds_per_round": times,
-                        "ratio_vs_baseline": {n: sps[n] / sps["baseline"] for n in sps},
-                        "ratio_vs_mpc_fp32": {n: sps[n] / sps["mpc fp32"] for n in sps},
-                        "hit_rate": {n: s.get("hit_rate") for n, s in stats.items() if s.get("hit_rate") is not None}}
+                        "ratio_vs_baseline": {n: paired_ratio(times, "baseline", n) for n in sps},
+                        "ratio_vs_mpc_fp32": {n: paired_ratio(times, "mpc fp32", n) for n in sps},
+                        "hit_rate": {n: s.get("hit_rate") for n, s in stats.items() if s.get("hit_rate") is not None},
+                        "cache_warmup": {"iterations": cache_warmup, "batch_size": warm_batch,
+                                         "final_hit_rate": warm_hit_rate}}
     return out
 
 
@@ -95,7 +129,7 @@ def run_bench(args) -> dict:
     torch.set_num_threads(args.threads)
     cards = bench_cardinalities(args.cardinalities)
     results = time_training(cards, args.configs, args.batch_sizes, args.steps, args.repeats, args.seed,
-                            args.lr, args.zipf)
+                            args.lr, args.zipf, cache_warmup=args.cache_warmup)
     rows = []
     for bs, r in results.items():
         for name, sps in r["samples_per_second"].items():
@@ -117,11 +151,14 @@ def register_bench(sub) -> None:
     p.add_argument("--configs", nargs="+", default=["fp32"],
                    help="mpc embedding configurations, e.g. fp32 int8 int8+5%%lru (fp32 always included)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[128, 2048])
-    p.add_argument("--steps", type=positive_int, default=30, help="steps per timed round")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (median)")
+    p.add_argument("--steps", type=positive_int, default=20, help="steps per timed round")
+    p.add_argument("--repeats", type=positive_int, default=9, help="timed rounds (median)")
     p.add_argument("--cardinalities", default="kaggle",
                    help="'kaggle' (full size) or a scale factor such as 0.01")
     p.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids")
+    p.add_argument("--cache-warmup", type=int, default=1500,
+                   help="embedding-only iterations that bring each cache to its steady state before timing "
+                        "(Zipf 1.05 at batch 2048: steady after ~1500; 0 times from a cold cache)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=2)

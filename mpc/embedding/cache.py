@@ -14,9 +14,11 @@ Split of the work:
     Without kernels it runs the reference policy and moves rows with the row ops.
   - the backend then pools and trains through mpc.embedding.ops with `cache_weights`
     and `slots` (cached rows in FP32, the others in low precision).
-The kernel keeps per-set structures for large sets (hash index, LRU list / LFU heap)
-and per-slot LFU counts; they are derived from tags/times/counts, left out of the
-state_dict and rebuilt after a load, so the state_dict holds exactly the semantic state.
+The kernel keeps per-set structures for large sets (hash index, LRU list / LFU heap),
+per-slot LFU counts, and for LRU scan sets a 2-byte-per-slot header (fingerprints and
+recency order, so that an access touches ~3 cache lines instead of scanning 32 tags and
+times); they are derived from tags/times/counts, left out of the state_dict and rebuilt
+after a load, so the state_dict holds exactly the semantic state.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from mpc.embedding.ops import PRECISION_CODE, global_rows
 log = logging.getLogger(__name__)
 
 GEOMETRY_FIELDS = ("first_row", "rows", "ways", "nsets", "slot_offset", "set_offset", "index_offset",
-                   "index_size", "order_offset", "state_offset")  # = kernels/cache_policy.h GeomField
+                   "index_size", "order_offset", "state_offset", "header_offset")  # = cache_policy.h GeomField
 POLICY_CODE = {CachePolicy.LRU: 0, CachePolicy.LFU: 1}
 TRAFFIC_FIELDS = ("iterations", "uncached_rows", "cached_rows")  # distinct rows per step, summed
 # Sets of at most this many ways are scanned (a few adjacent cache lines); larger ones
@@ -77,19 +79,24 @@ class KernelLayout:
     index_entries: int      # int32 hash-index entries of the structured sets
     ordered_slots: int      # slots of structured sets (2 int32 each: list links / heap)
     structured_sets: int    # sets with a state row
+    header_bytes: int       # uint8 set headers of LRU scan sets (2 bytes per slot)
 
     @classmethod
-    def of(cls, layout: CacheLayout) -> "KernelLayout":
-        rows, index, ordered, states = [], 0, 0, 0
+    def of(cls, layout: CacheLayout, policy: CachePolicy | str = CachePolicy.LRU) -> "KernelLayout":
+        lru = CachePolicy(policy) is CachePolicy.LRU
+        rows, index, ordered, states, header = [], 0, 0, 0, 0
         for g in layout.groups:
             h = index_size(g.ways)
+            with_header = lru and h == 0
             rows.append((g.first_row, g.rows, g.ways, g.nsets, g.slot_offset, g.set_offset, index, h, ordered,
-                         states))
+                         states, header if with_header else -1))
             index += h * g.nsets
             if h:
                 ordered += g.slots
                 states += g.nsets
-        return cls(tuple(rows), index, ordered, states)
+            if with_header:
+                header += 2 * g.ways * g.nsets
+        return cls(tuple(rows), index, ordered, states, header)
 
 
 class FP32Cache(nn.Module):
@@ -111,7 +118,7 @@ class FP32Cache(nn.Module):
         self.register_buffer("counters", torch.zeros(T, len(COUNTER_NAMES), dtype=torch.int64))
         self.register_buffer("traffic", torch.zeros(len(TRAFFIC_FIELDS), dtype=torch.int64))
         # Derived from the state and the config; rebuilt, never saved.
-        kl = KernelLayout.of(self.layout)
+        kl = KernelLayout.of(self.layout, self.policy)
         set_state = torch.full((kl.structured_sets, set_state_width(self.policy)), -1, dtype=torch.int32)
         set_state[:, 0] = 0
         geometry = torch.tensor(kl.geometry, dtype=torch.int64).reshape(-1, len(GEOMETRY_FIELDS))
@@ -121,7 +128,10 @@ class FP32Cache(nn.Module):
         self.register_buffer("set_state", set_state, persistent=False)
         self.register_buffer("index", torch.full((kl.index_entries,), -1, dtype=torch.int32), persistent=False)
         self.register_buffer("slot_counts", torch.zeros(S if lfu_rows else 0, dtype=torch.int32), persistent=False)
+        # LRU scan sets' fingerprints and recency lists (kernels/cache_policy.h): all empty
+        self.register_buffer("header", torch.full((kl.header_bytes,), 0xFF, dtype=torch.uint8), persistent=False)
         self._derived_valid = True
+        self._derived_device = self.tags.device
         self.register_load_state_dict_post_hook(lambda module, _keys: module._invalidate())
 
     @property
@@ -135,7 +145,7 @@ class FP32Cache(nn.Module):
         return [self.tags, self.times, self.lfu_counts, self.clocks, self.counters]
 
     def _derived(self) -> list[torch.Tensor]:
-        return [self.order, self.set_state, self.index, self.slot_counts]
+        return [self.order, self.set_state, self.index, self.slot_counts, self.header]
 
     def _kernel(self):
         """(prepare, probe, rebuild) kernels for the state's device, or None (reference)."""
@@ -148,6 +158,9 @@ class FP32Cache(nn.Module):
         fns = [getattr(module, f"cache_{name}{suffix}", None) for name in ("prepare", "probe", "rebuild")]
         if module is None or None in fns:
             return None
+        if self.tags.device != self._derived_device:  # the GPU kernel keeps no headers: rebuild
+            self._derived_valid = False
+            self._derived_device = self.tags.device
         if not self._derived_valid:
             fns[2](self.geometry, POLICY_CODE[self.policy], self._state()[:3], self._derived())
             self._derived_valid = True
@@ -233,7 +246,7 @@ class FP32Cache(nn.Module):
             "cache_values": self.weights.nbytes,
             "cache_tags": self.tags.nbytes + self.index.nbytes,
             "cache_policy_state": (self.times.nbytes + self.slot_counts.nbytes + self.order.nbytes
-                                   + self.set_state.nbytes),
+                                   + self.set_state.nbytes + self.header.nbytes),
             "lfu_counts": self.lfu_counts.nbytes,
             "cache_bookkeeping": (self.clocks.nbytes + self.counters.nbytes + self.traffic.nbytes
                                   + self.geometry.nbytes + self.table_starts.nbytes),

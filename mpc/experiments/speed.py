@@ -28,6 +28,9 @@ from mpc.embedding.config import Precision
 
 def run_benchmark(name: str, argv: list[str]) -> dict:
     """Run `python -m mpc bench <name> <argv>` in this process; return its record."""
+    from mpc.cpu_settings import tune_cpu
+
+    tune_cpu()  # as `python -m mpc bench` does
     parser = argparse.ArgumentParser(prog=f"mpc bench {name}")
     module = importlib.import_module(f"mpc.bench.{name}")
     module.register_bench(parser.add_subparsers(dest="bench"))
