@@ -19,7 +19,12 @@ applies the same update. Decisions:
     at the next collective. Checkpoints store the plain (unwrapped) model, so single-
     process and distributed runs read each other's checkpoints, plus every rank's
     error-feedback memory.
-  - gloo: the Trainer keeps the model on the CPU (a GPU trainer would pick NCCL).
+  - Backend (`select_backend`): gloo for a run on the CPU, NCCL for a run on a CUDA
+    device, or what MPC_DIST_BACKEND (or the `backend` argument) asks for; NCCL without
+    CUDA, or for CPU tensors, is a UserError. mpc.train.Trainer trains on the CPU only
+    (TRAIN_DEVICE: no device option, the model and batches stay on the CPU, and the
+    exchange builds CPU tensors), so every run here selects gloo today; the selection
+    is explicit so that a CUDA trainer only has to pass its device.
 """
 
 from __future__ import annotations
@@ -44,8 +49,46 @@ from mpc.train import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistributedConfig", "DistributedEmbedding", "DistributedTrainer", "GradCompression",
-           "one_row_bags", "run_distributed", "run_local"]
+__all__ = ["BACKEND_ENV", "DistributedConfig", "DistributedEmbedding", "DistributedTrainer", "GradCompression",
+           "TRAIN_DEVICE", "init_from_env", "one_row_bags", "run_distributed", "run_local", "select_backend"]
+
+BACKEND_ENV = "MPC_DIST_BACKEND"   # "auto" (default) | "gloo" | "nccl"
+BACKENDS = ("auto", "gloo", "nccl")
+TRAIN_DEVICE = "cpu"               # where mpc.train.Trainer keeps the model and batches (CPU only)
+
+
+def select_backend(device: str | torch.device = TRAIN_DEVICE, requested: str | None = None) -> str:
+    """The torch.distributed backend for a run on `device`: "gloo" or "nccl".
+
+    requested: "auto" | "gloo" | "nccl"; None reads $MPC_DIST_BACKEND (unset: "auto").
+    auto picks NCCL when the run trains on a CUDA device (CUDA available, torch built
+    with NCCL), else gloo. Asking for NCCL without CUDA, without an NCCL build of torch, or for a run on
+    the CPU (NCCL reduces CUDA tensors only) is a UserError; gloo is always allowed.
+    """
+    source = "backend argument"
+    if requested is None:
+        requested, source = os.environ.get(BACKEND_ENV, "") or "auto", f"${BACKEND_ENV}"
+    choice = str(requested).strip().lower()
+    if choice not in BACKENDS:
+        raise UserError(f"{source}={requested!r}: choose one of {', '.join(BACKENDS)}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"not a torch device: {device!r}") from None
+    cuda = torch.cuda.is_available()
+    if device.type == "cuda" and not cuda:
+        raise UserError(f"the run's device is {device} but CUDA is not available here")
+    if choice == "auto":
+        return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if choice == "nccl":
+        if not cuda:
+            raise UserError(f"{source}=nccl needs CUDA, which is not available here; use gloo (CPU)")
+        if not dist.is_nccl_available():
+            raise UserError(f"{source}=nccl: this torch build has no NCCL; use gloo")
+        if device.type != "cuda":
+            raise UserError(f"{source}=nccl: NCCL exchanges CUDA tensors, but this run trains on {device} "
+                            f"(mpc.train.Trainer trains on the CPU only); use gloo")
+    return choice
 
 
 def one_row_bags(rows: torch.Tensor, grads: torch.Tensor, table_offsets: torch.Tensor):
@@ -119,6 +162,10 @@ class DistributedTrainer(Trainer):
             raise UserError("--distributed needs torch.distributed initialised (launch with torchrun)")
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        if dist.get_backend(group) == "nccl":
+            # The exchange (mpc.grad_exchange) hands CPU tensors to the collectives.
+            raise UserError(f"the process group uses NCCL, but the trainer runs on {TRAIN_DEVICE} "
+                            f"(mpc.train.Trainer has no CUDA path); initialise it with gloo")
         if config.embedding.cache.fraction > 0:
             # Each rank's cache would admit its own rows: the ranks' tables would drift apart.
             raise UserError("--distributed does not support --cache-fraction (per-rank caches diverge)")
@@ -223,25 +270,32 @@ def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-def init_from_env() -> bool:
-    """Initialise the default process group from torchrun's environment; True if we did."""
+def init_from_env(device: str | torch.device = TRAIN_DEVICE, backend: str | None = None) -> bool:
+    """Initialise the default process group from torchrun's environment; True if we did.
+
+    The backend is `select_backend(device, backend)` (gloo for the CPU Trainer).
+    """
     if dist.is_initialized():
         return False
+    chosen = select_backend(device, backend)   # a bad choice fails before the rendezvous
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise UserError(f"--distributed: {', '.join(missing)} not set; launch with "
                         f"`torchrun --nproc-per-node N -m mpc train --distributed ...`")
-    dist.init_process_group("gloo")
+    if chosen == "nccl":   # one GPU per rank, as torchrun numbers them
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(chosen)
     return True
 
 
 def run_distributed(config: TrainConfig, dist_config: DistributedConfig, out: str | Path | None = None,
-                    *, resume: bool = False, export: str | Path | None = None) -> dict | None:
+                    *, resume: bool = False, export: str | Path | None = None,
+                    backend: str | None = None) -> dict | None:
     """Train data-parallel; rank 0 writes `out` (and `export`, see mpc.train.run) and
-    returns the run record (others None)."""
+    returns the run record (others None). backend: see select_backend (None: $MPC_DIST_BACKEND)."""
     if export is not None and config.embedding.kind != "qat":
         raise UserError("--export needs --embedding qat")
-    created = init_from_env()
+    created = init_from_env(TRAIN_DEVICE, backend)
     try:
         trainer = DistributedTrainer(config, dist_config)
         if resume:
@@ -267,7 +321,8 @@ def run_distributed(config: TrainConfig, dist_config: DistributedConfig, out: st
 def run_local(runs: list[tuple[TrainConfig, DistributedConfig]], world_size: int = 2,
               threads: int = 1) -> list[dict]:
     """Train each (config, dist_config) in turn data-parallel over `world_size` local
-    processes (gloo on a free localhost port); returns rank 0's run records.
+    processes (on a free localhost port, backend `select_backend()`: gloo for the CPU
+    Trainer); returns rank 0's run records.
 
     For tests and notebooks; the command line uses torchrun. Checkpoints, if configured,
     are written by rank 0 as in any distributed run. The workers are started with
@@ -279,18 +334,20 @@ def run_local(runs: list[tuple[TrainConfig, DistributedConfig]], world_size: int
 
     import torch.multiprocessing as mp
 
+    backend = select_backend()   # checked here, not in every worker
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="mpc-dist-") as tmp:
         out = Path(tmp) / "results.json"
-        mp.spawn(_local_worker, args=(world_size, port, runs, threads, str(out)), nprocs=world_size)
+        mp.spawn(_local_worker, args=(world_size, port, runs, threads, str(out), backend), nprocs=world_size)
         return json.loads(out.read_text())
 
 
-def _local_worker(rank: int, world_size: int, port: int, runs, threads: int, out: str) -> None:
+def _local_worker(rank: int, world_size: int, port: int, runs, threads: int, out: str,
+                  backend: str = "gloo") -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         results = [DistributedTrainer(config, dist_config).fit() for config, dist_config in runs]
         if rank == 0:

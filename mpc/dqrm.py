@@ -19,9 +19,16 @@ there with the same config is reused, so a notebook re-run does not retrain.
 
 Run JSONs are named `<variant>-<config hash>.json`, so one folder holds every run and a
 run with the same config under another name (e.g. "qat emb int4" and "dqrm int4 mlp
-fp32") is trained once. Tables: `bits_table`, `full_model_table`, `scale_period_table`,
+fp32") is trained once. A variant with `export=True` (DQRM INT-b, tables + MLP, in
+full_model_variants) is also exported after training (mpc.qat_export.export_and_evaluate,
+to a temporary file): its JSON's "export" holds the measured file bytes, the stored
+tensors' bytes and the served model's test metrics beside the fake-quantized model's;
+`full_model_table` and `export_table` show them.
+
+Tables: `bits_table`, `full_model_table`, `export_table`, `scale_period_table`,
 `epoch_curves`, `communication_table`, `size_table`, `combined_table`; each puts the
-paper's figure (mpc/paper_numbers.json) beside ours where the paper has one, and
+paper's figure (mpc/paper_numbers.json) beside ours where the paper has one (with its
+"check" note where PAPERS.md does not state that figure or contradicts it), and
 `seed_summary` averages a table over seeds. The claims of the report (mpc.report) are
 worded from these tables by mpc.dqrm_claims.
 """
@@ -33,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +51,7 @@ from mpc.embedding import CacheConfig, EmbeddingConfig
 from mpc.embedding.config import Precision
 from mpc.grad_exchange import DistributedConfig, GradCompression, analytic_bytes
 from mpc.qat_export import model_bytes
+from mpc.runinfo import atomic_write_json
 from mpc.train import TrainConfig, run
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,7 @@ class Variant:
     name: str
     embedding: EmbeddingConfig
     mlp_bits: int = 32
+    export: bool = False     # qat: also export the trained model and test the export
 
     def config(self, base: TrainConfig) -> TrainConfig:
         emb = self.embedding.replace(seed=base.embedding.seed, use_kernels=base.embedding.use_kernels)
@@ -91,7 +101,7 @@ def full_model_variants(bits: int = 4, scale_period: int = 200,
     ptq = [Variant(f"ptq int{bits}" + (f" ({g})" if len(grans) > 1 else ""), ptq_embedding(bits, g), mlp_bits=bits)
            for g in grans]
     return [Variant("fp32", EmbeddingConfig(kind="fp32")), *ptq,
-            Variant(f"dqrm int{bits}", qat_embedding(bits, scale_period), mlp_bits=bits),
+            Variant(f"dqrm int{bits}", qat_embedding(bits, scale_period), mlp_bits=bits, export=True),
             Variant(f"dqrm int{bits} mlp fp32", qat_embedding(bits, scale_period))]
 
 
@@ -119,17 +129,49 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
-def _reusable(out_dir: Path, config: TrainConfig) -> dict | None:
-    """A run JSON in out_dir made with exactly this config (under any variant name)."""
+def _reusable(out_dir: Path, config: TrainConfig, export: bool = False) -> dict | None:
+    """A run JSON in out_dir made with exactly this config (under any variant name);
+    with `export`, only one that also recorded the export of its model."""
     wanted = json.loads(json.dumps(config.to_json()))
     for path in sorted(out_dir.glob(f"*-{config_hash(config)}.json")):
         try:
             rec = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):   # a foreign or damaged file: train again
             continue
-        if rec.get("config") == wanted:
+        if rec.get("config") == wanted and (not export or "export" in rec):
             return rec
     return None
+
+
+EXPORT_TOLERANCE = 1e-4   # |served - fake-quantized| test AUC and log loss counted as equal
+
+
+def run_and_export(config: TrainConfig, out: str | Path | None = None) -> dict:
+    """Train a QAT run (mpc.train.run), export the trained model to a temporary file
+    (mpc.qat_export.export_and_evaluate), measure it, and delete the file.
+
+    The record's "export" holds: "file_bytes" (the file on disk), "total_bytes" and
+    "bytes" (the stored tensors in memory, by component), "fused_table_bytes", "test"
+    (the reloaded model's test metrics), "fake_quant_test" (the trained model's, as
+    record["test"]), their differences and "matches_fake_quant" (both within
+    EXPORT_TOLERANCE). Written to `out` (JSON) when given.
+    """
+    with tempfile.TemporaryDirectory(prefix="mpc-dqrm-export-") as tmp:
+        rec = run(config, None, export=Path(tmp) / "model.dqrm")
+    e, fake = rec["export"], rec["test"]
+    e["path"] = None   # a temporary file, deleted once measured
+    e["fake_quant_test"] = {k: fake[k] for k in ("auc", "logloss", "accuracy")}
+    e["auc_minus_fake_quant"] = e["test"]["auc"] - fake["auc"]
+    e["logloss_minus_fake_quant"] = e["test"]["logloss"] - fake["logloss"]
+    e["tolerance"] = EXPORT_TOLERANCE
+    e["matches_fake_quant"] = bool(abs(e["auc_minus_fake_quant"]) <= EXPORT_TOLERANCE
+                                   and abs(e["logloss_minus_fake_quant"]) <= EXPORT_TOLERANCE)
+    if not e["matches_fake_quant"]:
+        log.warning("exported model's test AUC/log loss differ from the fake-quantized model's: %+.2e / %+.2e",
+                    e["auc_minus_fake_quant"], e["logloss_minus_fake_quant"])
+    if out is not None:
+        atomic_write_json(out, rec)
+    return rec
 
 
 def _as_recorded(config: TrainConfig) -> TrainConfig:
@@ -148,10 +190,11 @@ def run_variants(base: TrainConfig, variants: list[Variant], out_dir: str | Path
     results = {}
     for v in variants:
         config = _as_recorded(v.config(base))
-        rec = _reusable(out_dir, config) if reuse else None
+        rec = _reusable(out_dir, config, v.export) if reuse else None
         if rec is None:
             log.info("training %s", v.name)
-            rec = run(config, out_dir / f"{_slug(v.name)}-{config_hash(config)}.json")
+            path = out_dir / f"{_slug(v.name)}-{config_hash(config)}.json"
+            rec = run_and_export(config, path) if v.export else run(config, path)
         results[v.name] = rec
     return results
 
@@ -341,8 +384,26 @@ def _paper_method(rec: dict) -> str | None:
     return None
 
 
+def _export_columns(rec: dict) -> dict:
+    """The measured export of a run (run_and_export), NaN for a run not exported."""
+    e = rec.get("export")
+    if not e:
+        return dict.fromkeys(EXPORT_COLUMNS, math.nan)
+    return {"export_file_bytes": e["file_bytes"], "export_bytes": e["total_bytes"],
+            "export_test_auc": e["test"]["auc"], "export_test_logloss": e["test"]["logloss"],
+            "export_auc_minus_fake_quant": e["test"]["auc"] - rec["test"]["auc"],
+            "export_logloss_minus_fake_quant": e["test"]["logloss"] - rec["test"]["logloss"]}
+
+
+EXPORT_COLUMNS = ("export_file_bytes", "export_bytes", "export_test_auc", "export_test_logloss",
+                  "export_auc_minus_fake_quant", "export_logloss_minus_fake_quant")
+
+
 def full_model_table(results: dict[str, dict]) -> pd.DataFrame:
-    """Full-model INT4: method, size (ours, and at Kaggle size), test metrics, the paper's."""
+    """Full-model INT4: method, size (ours, and at Kaggle size), test metrics, the paper's;
+    for the exported run (DQRM INT-b), the measured export: `export_file_bytes` (the
+    file), `export_bytes` (its tensors, = model_bytes), the served model's test AUC and
+    log loss and their differences from the fake-quantized model's (test_auc, test_logloss)."""
     ref = {r["method"]: r for r in paper()["kaggle_full_model_int4"]}
     rows = []
     for name, rec in results.items():
@@ -350,7 +411,31 @@ def full_model_table(results: dict[str, dict]) -> pd.DataFrame:
         p = ref.get(_paper_method(rec), {})
         rows.append({"run": name, "model_bytes": ours, "kaggle_size_gb": kaggle / 1e9, **_metrics(rec),
                      "paper_size_gb": p.get("size_gb"), "paper_auc": p.get("auc"),
-                     "paper_accuracy": p.get("accuracy")})
+                     "paper_accuracy": p.get("accuracy"), "paper_check": p.get("check"),
+                     **_export_columns(rec)})
+    return pd.DataFrame(rows)
+
+
+def export_table(runs: dict[int, dict[str, dict]]) -> pd.DataFrame:
+    """The exported runs of run_seeds' {seed: {name: record}}, one row per (seed, run):
+    measured bytes beside the analytic ones, served vs fake-quantized test metrics."""
+    rows = []
+    for seed, results in runs.items():
+        for name, rec in results.items():
+            e = rec.get("export")
+            if not e:
+                continue
+            ours, kaggle = _model_sizes(rec)
+            rows.append({"run": name, "seed": seed, "bits": _bits(rec), "mlp_bits": rec["config"].get("mlp_bits", 32),
+                         "model_bytes": ours, "export_bytes": e["total_bytes"], "export_file_bytes": e["file_bytes"],
+                         "file_overhead_bytes": e["file_bytes"] - e["total_bytes"],
+                         "fused_table_bytes": e["fused_table_bytes"], "kaggle_size_gb": kaggle / 1e9,
+                         "fake_quant_test_auc": rec["test"]["auc"], "export_test_auc": e["test"]["auc"],
+                         "fake_quant_test_logloss": rec["test"]["logloss"],
+                         "export_test_logloss": e["test"]["logloss"],
+                         "auc_minus_fake_quant": e["test"]["auc"] - rec["test"]["auc"],
+                         "logloss_minus_fake_quant": e["test"]["logloss"] - rec["test"]["logloss"],
+                         "matches_fake_quant": e.get("matches_fake_quant")})
     return pd.DataFrame(rows)
 
 
@@ -389,10 +474,13 @@ def epoch_curves(results: dict[str, dict]) -> pd.DataFrame:
         best = df.loc[df.groupby("run")["val_auc"].idxmax(), ["run", "epoch"]]
         df["best_epoch"] = df["run"].map(dict(zip(best["run"], best["epoch"])))
         # the paper's INT4 test AUC after as many epochs (Kaggle), beside our INT4 run
-        ref = {r["epochs"]: r["auc"] for r in paper()["kaggle_int4_by_epoch"]}
+        # (paper_int4_check: what PAPERS.md does not state or contradicts, mpc/paper_numbers.json)
+        ref = {r["epochs"]: r for r in paper()["kaggle_int4_by_epoch"]}
         int4 = {name for name, rec in results.items()
                 if rec["config"]["embedding"]["kind"] == "qat" and _bits(rec) == 4}
-        df["paper_int4_auc"] = [ref.get(e) if r in int4 else None for r, e in zip(df["run"], df["epoch"])]
+        mine = [ref.get(e, {}) if r in int4 else {} for r, e in zip(df["run"], df["epoch"])]
+        df["paper_int4_auc"] = [p.get("auc") for p in mine]
+        df["paper_int4_check"] = [p.get("check") for p in mine]
     return df
 
 
@@ -436,17 +524,22 @@ def communication_table(measured: dict[str, dict] | None = None, local_batch: in
 def size_table() -> pd.DataFrame:
     """Model size at full Kaggle size, by what is stored (see mpc.qat_export)."""
     dims = (KAGGLE_CARDINALITIES, 16, BOTTOM_MLP, TOP_MLP)
+    ref = {r["method"]: r for r in paper()["kaggle_full_model_int4"]}
     rows = []
-    for label, eb, mb, paper_gb in [("FP32", 32, 32, 2.161), ("INT4 tables + INT4 MLP (DQRM)", 4, 4, 0.270),
-                                    ("INT4 tables + FP32 MLP", 4, 32, 0.271), ("INT8 tables + INT8 MLP", 8, 8, None)]:
+    for label, eb, mb, method in [("FP32", 32, 32, "fp32"), ("INT4 tables + INT4 MLP (DQRM)", 4, 4, "dqrm_int4"),
+                                  ("INT4 tables + FP32 MLP", 4, 32, "dqrm_int4_mlp_fp32"),
+                                  ("INT8 tables + INT8 MLP", 8, 8, None)]:
         b = model_bytes(*dims, eb, mb)
+        p = ref.get(method, {})
         rows.append({"model": label, "total_gb": sum(b.values()) / 1e9, "embedding_gb": b["embedding_values"] / 1e9,
-                     "scales_and_mlp_mb": (sum(b.values()) - b["embedding_values"]) / 1e6, "paper_gb": paper_gb})
+                     "scales_and_mlp_mb": (sum(b.values()) - b["embedding_values"]) / 1e6,
+                     "paper_gb": p.get("size_gb"), "paper_check": p.get("check")})
     # what mpc.qat_export.QuantizedDLRM.to_model serves: fused rows with fp16 scale + bias each
     tables = sum(KAGGLE_CARDINALITIES) * Precision.INT4.row_bytes(16)
     mlp = sum(v for k, v in model_bytes(*dims, 4, 4).items() if k.startswith("mlp"))
     rows.append({"model": "INT4 fused rows (fp16 scale+bias per row) + INT4 MLP", "total_gb": (tables + mlp) / 1e9,
-                 "embedding_gb": tables / 1e9, "scales_and_mlp_mb": mlp / 1e6, "paper_gb": None})
+                 "embedding_gb": tables / 1e9, "scales_and_mlp_mb": mlp / 1e6, "paper_gb": None,
+                 "paper_check": None})
     return pd.DataFrame(rows)
 
 

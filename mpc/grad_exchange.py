@@ -4,7 +4,8 @@ DQRM (PAPERS.md §2) cuts the per-iteration communication of data-parallel DLRM 
 steps: exchange only the embedding rows the batch looked up (2.161 GB -> 2.010 MB per
 iteration on Kaggle), then quantize the gradients to INT8 with a scale shared through an
 all-reduce (-> 0.509 MB), with error compensation on the MLP gradients only. The three
-modes, on torch.distributed collectives (gloo on CPU):
+modes, on torch.distributed collectives (CPU tensors, so gloo: see
+mpc.distributed.select_backend):
 
   none         embedding: all_reduce of the full (total_rows, D) float32 gradient as a
                dense tensor; MLP: all_reduce of the flat float32 gradient.

@@ -68,15 +68,19 @@ def ensure_kernel() -> str:
 
 
 def run_notebook(name: str, parameters: dict, results_root: Path, *, progress: bool = True) -> NotebookOutcome:
-    """Execute one notebook into a staging folder; promote its files on success."""
-    import papermill as pm
+    """Execute one notebook into a staging folder; promote its files on success.
 
-    kernel = ensure_kernel()
+    Any failure (the kernel cannot be set up, a cell raises, no results recorded) is
+    returned as a failed outcome, so that the caller goes on with the next notebook.
+    """
     t0 = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=results_root))
     env_before = os.environ.get("MPC_RESULTS_DIR")
     os.environ["MPC_RESULTS_DIR"] = str(staging)
     try:
+        import papermill as pm
+
+        kernel = ensure_kernel()
         executed = staging / "executed" / f"{name}.ipynb"
         executed.parent.mkdir(parents=True)
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(executed), parameters=parameters,

@@ -1,5 +1,7 @@
 """Data-parallel training (2 local gloo ranks): the same model as one process on the same
-global batch, the exact bytes of each exchange mode, INT8 training quality, torchrun."""
+global batch, the exact bytes of each exchange mode, INT8 training quality and its
+error-feedback checkpoint, torchrun. (One-rank error feedback and the backend choice:
+tests/test_grad_exchange.py.)"""
 
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def runs(learnable_data, tmp_path_factory):
                  DistributedConfig("none")),
         "sparse": (_config(learnable_data, QAT, EXACT_SAMPLES, checkpoint=str(tmp / "sparse.pt"), mlp_bits=4),
                    DistributedConfig("sparse")),
-        "sparse-int8": (_config(learnable_data, FP32, INT8_SAMPLES), DistributedConfig("sparse-int8")),
+        "sparse-int8": (_config(learnable_data, FP32, INT8_SAMPLES, checkpoint=str(tmp / "int8.pt")),
+                        DistributedConfig("sparse-int8")),
     }
     results = run_local(list(jobs.values()), world_size=2, threads=1)
     return {name: (res, jobs[name][0]) for name, res in zip(jobs, results)}
@@ -111,6 +114,18 @@ def test_int8_trains_close_to_one_process(runs, single):
     assert ref["test"]["auc"] > 0.62                                     # it learns at all
     assert result["test"]["auc"] == pytest.approx(ref["test"]["auc"], abs=0.02)
     assert result["test"]["auc"] != ref["test"]["auc"]                   # and it did quantize
+
+
+def test_int8_checkpoint_keeps_every_ranks_error_feedback(runs, single):
+    result, config = runs["sparse-int8"]
+    assert result["distributed"]["backend"] == "gloo" and result["distributed"]["error_feedback"] is True
+    residuals = torch.load(config.checkpoint, weights_only=False)["error_feedback"]
+    P = sum(p.numel() for p in single["int8"][0].model.dense_parameters())
+    assert len(residuals) == 2 and all(r.shape == (P,) for r in residuals)
+    # each rank carries its own rounding error of its own gradient shard
+    assert all(bool(r.ne(0).any()) for r in residuals) and not torch.equal(residuals[0], residuals[1])
+    # the uncompressed modes keep none
+    assert torch.load(runs["sparse"][1].checkpoint, weights_only=False)["error_feedback"] is None
 
 
 def test_one_row_bags_apply_exactly_these_rows():

@@ -111,6 +111,10 @@ def test_dqrm_sizes_communication_and_tables(quick):
     assert periods[1]["scale_updates"] > periods[200]["scale_updates"] >= 1
     assert {r["run"] for r in v["combined"]} == {"fp32", "mpc int8+5%lru", "dqrm int4"}
     assert sorted({r["epoch"] for r in v["epoch_curves"]}) == [1, 2]
+    # the exported INT4 model: a real file, smaller than FP32, serving the same predictions
+    assert v["export"] and all(r["matches_fake_quant"] for r in v["export"])
+    assert full["dqrm int4"]["export_file_bytes"] > full["dqrm int4"]["export_bytes"] > 0
+    assert abs(full["dqrm int4"]["export_auc_minus_fake_quant"]) <= 1e-4
 
 
 def test_inference_study_checks_every_runtime_against_eager(quick):
@@ -142,6 +146,24 @@ def test_a_failing_notebook_replaces_no_results(quick):
     assert (root / "01_memory_reduction" / "results.json").read_text() == before
     assert (root / "executed" / "01_memory_reduction.failed.ipynb").is_file()
     assert not any(p.name.startswith(".01_memory_reduction.") for p in root.iterdir())  # no staging left
+
+
+def test_reproduce_goes_on_after_a_failure_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """The command, end to end: one notebook fails, the next still runs, exit code 1 names it."""
+    from mpc import profiles
+    from mpc.cli import main
+
+    quick = dict(profiles.PROFILES["quick"])
+    quick["01_memory_reduction"] = {"PRECISIONS": ["int9"]}  # an impossible value: the notebook raises
+    monkeypatch.setitem(profiles.PROFILES, "quick", quick)
+    code = main(["reproduce", "--profile", "quick", "--only", "01_memory_reduction", "04_cache_behaviour",
+                 "--results", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "failed: 01_memory_reduction" in err
+    assert not (tmp_path / "01_memory_reduction").exists()             # nothing of the failed one
+    assert (tmp_path / "executed" / "01_memory_reduction.failed.ipynb").is_file()
+    assert (tmp_path / "04_cache_behaviour" / "results.json").is_file()  # the next one ran
+    assert "04_cache_behaviour" in (tmp_path / "REPORT.md").read_text()
 
 
 def test_a_notebook_runs_with_no_parameters(tmp_path):

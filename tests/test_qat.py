@@ -12,11 +12,13 @@ import torch
 from mpc.criteo import BOTTOM_MLP, KAGGLE_CARDINALITIES, TOP_MLP
 from mpc.embedding import EmbeddingConfig, build_embedding, jagged_from_dense, quant
 from mpc.embedding.config import Precision
+from mpc.embedding.fp32 import FP32EmbeddingBag
 from mpc.embedding.lowp import QuantizedEmbeddingBag
 from mpc.embedding.qat import FakeQuantizeSTE, fake_quantize, symmetric_scale, table_max_abs
 from mpc.errors import UserError
 from mpc.metrics import predict
-from mpc.qat_export import QuantizedDLRM, export_qat, fused_rows, model_bytes
+from mpc.qat_export import (QuantizedDLRM, export_and_evaluate, export_qat, fused_rows, model_bytes,
+                            unpack_symmetric)
 from mpc.qat_mlp import MLPQuantMode, QuantLinear
 from mpc.train import Trainer, TrainConfig
 
@@ -175,30 +177,42 @@ def _train_qat(data, tmp_path=None, **kw):
     return trainer, trainer.fit()
 
 
-@pytest.mark.parametrize("mlp_bits", [4, 32])
-def test_export_serves_the_fake_quantized_model(learnable_data, tmp_path, mlp_bits):
-    trainer, result = _train_qat(learnable_data, mlp_bits=mlp_bits)
+@pytest.mark.parametrize("bits, mlp_bits", [(4, 4), (4, 32), (2, 2), (8, 8), (16, 16)])
+def test_export_serves_the_fake_quantized_model(learnable_data, tmp_path, bits, mlp_bits):
+    trainer, result = _train_qat(learnable_data, mlp_bits=mlp_bits, embedding=EmbeddingConfig(
+        kind="qat", use_kernels=False, options={"bits": bits, "scale_period": 7}))
     exported = export_qat(trainer.model)
     exported.save(tmp_path / "model.dqrm")
     loaded = QuantizedDLRM.load(tmp_path / "model.dqrm")
     served = loaded.to_model(use_kernels=False)
-    assert isinstance(served.embedding, QuantizedEmbeddingBag) and served.embedding.precision is Precision.INT4
+    if bits == 16:   # no 16-bit row format: the exact values served from FP32 tables
+        assert isinstance(served.embedding, FP32EmbeddingBag)
+    else:
+        assert isinstance(served.embedding, QuantizedEmbeddingBag)
+        assert served.embedding.precision is Precision(f"int{bits}")
     labels, p_qat = predict(trainer.model, trainer.test_loader)
     _, p_served = predict(served, trainer.test_loader)
     assert (p_qat == p_served).all()                          # bit for bit
     from mpc.metrics import classification_metrics
 
     assert classification_metrics(labels, p_served)["auc"] == result["test"]["auc"]
-    # real storage: 4-bit codes of every row + one scale per table (+ the MLP)
+    # real storage: b-bit codes of every row + one scale per table (+ the MLP)
     emb = trainer.model.config.embedding
     sizes = loaded.nbytes()
-    assert sizes == model_bytes(emb.cardinalities, emb.dim, trainer.model.config.bottom_mlp,
-                                trainer.model.config.top_mlp, 4, mlp_bits)
-    assert sizes["embedding_values"] == emb.total_rows * 8
+    assert sizes == exported.nbytes() == model_bytes(emb.cardinalities, emb.dim, trainer.model.config.bottom_mlp,
+                                                     trainer.model.config.top_mlp, bits, mlp_bits)
+    assert sizes["embedding_values"] == emb.total_rows * emb.dim * bits // 8    # D = 16: whole bytes
+    assert sizes["embedding_scales"] == 4 * emb.num_tables
     shapes = [p.shape for n, p in trainer.model.named_parameters() if n.endswith("weight")
               and not n.startswith("embedding")]
-    per_row = (lambda n: 4 * n) if mlp_bits == 32 else (lambda n: (n + 1) // 2)   # 13 inputs: 7 bytes
+    per_row = (lambda n: 4 * n) if mlp_bits == 32 else (lambda n: -(-n * mlp_bits // 8))   # 13 inputs, 4 bits: 7
     assert sizes["mlp_values"] == sum(m * per_row(n) for m, n in shapes)
+    codes = unpack_symmetric(loaded.table_codes, bits, emb.dim)
+    assert int(codes.abs().max()) <= 2 ** (bits - 1) - 1 and int(codes.abs().max()) > 0
+    # the same, end to end through the file: export_and_evaluate
+    rec = export_and_evaluate(trainer, tmp_path / "again.dqrm")
+    assert rec["test"] == result["test"] and rec["total_bytes"] == sum(sizes.values())
+    assert rec["file_bytes"] == (tmp_path / "again.dqrm").stat().st_size > rec["total_bytes"]
 
 
 def test_exported_rows_read_by_torch_quantized_ops(learnable_data):
@@ -375,6 +389,47 @@ def test_dqrm_runs_are_shared_between_names_and_kept_apart_by_config(learnable_d
     assert seeds[0]["fp32"] == full_runs["fp32"] and seeds[1]["fp32"]["config"]["seed"] == 1
     assert seeds[1]["fp32"]["config"]["embedding"]["seed"] == 1
     assert seeds[1]["fp32"]["test"]["auc"] != seeds[0]["fp32"]["test"]["auc"]
+
+
+def test_dqrm_full_int4_run_is_exported_and_measured(learnable_data, tmp_path):
+    import math
+
+    from mpc import dqrm
+
+    base = _base(learnable_data)
+    variants = dqrm.full_model_variants(bits=4, scale_period=3)
+    assert [v.name for v in variants if v.export] == ["dqrm int4"]     # tables + MLP INT4 only
+    runs = dqrm.run_variants(base, variants[-2:], tmp_path)
+    rec = runs["dqrm int4"]
+    e = rec["export"]
+    assert "export" not in runs["dqrm int4 mlp fp32"]
+    # measured: the file on disk, and the stored tensors (= the analytic count of this model)
+    table = dqrm.full_model_table(runs).set_index("run")
+    assert e["file_bytes"] > e["total_bytes"] == table.loc["dqrm int4", "model_bytes"] > 0
+    assert table.loc["dqrm int4", "export_file_bytes"] == e["file_bytes"]
+    assert table.loc["dqrm int4", "export_bytes"] == e["total_bytes"]
+    assert math.isnan(table.loc["dqrm int4 mlp fp32", "export_file_bytes"])
+    # the served export has the fake-quantized model's test metrics
+    assert e["test"]["auc"] == pytest.approx(rec["test"]["auc"], abs=dqrm.EXPORT_TOLERANCE)
+    assert e["test"]["logloss"] == pytest.approx(rec["test"]["logloss"], abs=dqrm.EXPORT_TOLERANCE)
+    assert e["matches_fake_quant"] and e["fake_quant_test"]["auc"] == rec["test"]["auc"]
+    assert table.loc["dqrm int4", "export_test_auc"] == e["test"]["auc"]
+    assert abs(table.loc["dqrm int4", "export_auc_minus_fake_quant"]) <= dqrm.EXPORT_TOLERANCE
+    assert e["path"] is None                                        # a temporary file, gone
+    saved = json.loads(next(tmp_path.glob("dqrm_int4-*.json")).read_text())
+    assert saved["export"] == e and sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json"]
+    exports = dqrm.export_table({0: runs})
+    assert list(exports.run) == ["dqrm int4"] and bool(exports.matches_fake_quant.iloc[0])
+    assert exports.file_overhead_bytes.iloc[0] == e["file_bytes"] - e["total_bytes"] > 0
+    # reused with its export; a JSON of the same config without one is trained and exported again
+    assert dqrm.run_variants(base, variants[-2:], tmp_path) == runs
+    path = next(tmp_path.glob("dqrm_int4-*.json"))
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "export"}))
+    assert dqrm.run_variants(base, variants[-2:-1], tmp_path)["dqrm int4"]["export"]["file_bytes"] == e["file_bytes"]
+    assert "export" in json.loads(path.read_text())
+    # a variant that needs no export reuses the exported run
+    period = dqrm.run_variants(base, dqrm.scale_period_variants((3,)), tmp_path)
+    assert period["dqrm int4 period 3"] == json.loads(path.read_text())
 
 
 def test_mpc_variants_are_cached_low_precision_tables():

@@ -95,7 +95,7 @@ def run_speed(args) -> dict:
           "(other jobs share the machine when it is above the worker count)")
     params = {"scale": config.scale.value, "samples": config.samples, "tsv_samples": tsv_config.samples,
               "workers": args.workers, "seed": args.seed, "torch_threads": torch.get_num_threads()}
-    return record("synth", params, results)
+    return record(args.record_name, params, results)
 
 
 # --- calibration -----------------------------------------------------------------------
@@ -267,6 +267,7 @@ def register_bench(sub) -> None:
     p.add_argument("--skip-dlrm", action="store_true", help="calibration without training DLRM")
     p.add_argument("--tmp", default=None, help="scratch folder (default: the system's temp)")
     p.add_argument("--out", default=None, help="calibration record (default results/calibration.json)")
+    p.add_argument("--record-name", default="synth", help="speed record: results/bench/<name>.json")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.set_defaults(func=_cli)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mpc.embedding.config import EmbeddingConfig
+from mpc.embedding.config import EmbeddingConfig, Precision
 
 
 def jagged_from_dense(cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,8 @@ class EmbeddingBackend(nn.Module):
 
     Optional hooks: `prepare(indices, offsets)` runs before a training lookup (the
     cache uses it to admit and evict rows); `stats()` reports counters; `flush()`
-    writes any cached state back to storage.
+    writes any cached state back to storage; `inference_tables()` gives the tables
+    evaluation reads, for export (mpc.inference.module).
     """
 
     def __init__(self, config: EmbeddingConfig):
@@ -137,6 +138,16 @@ class EmbeddingBackend(nn.Module):
 
     def flush(self) -> None:
         pass
+
+    def inference_tables(self) -> tuple[Precision, torch.Tensor] | None:
+        """The exact tables evaluation (eval mode) reads, in one storage format, without
+        changing the backend: (precision, flat storage rows as mpc.embedding.quant lays
+        them out for it, a tensor the caller may keep). None (the default): the backend's
+        stored buffer or `to_float()` is what evaluation reads; use the generic path.
+
+        Override it where evaluation reads something else: fake-quantized tables (QAT,
+        PTQ) or rows held elsewhere (a cache)."""
+        return None
 
     def to_float(self) -> torch.Tensor:
         """All tables as one flat FP32 tensor (total_rows, D), rows in table order."""

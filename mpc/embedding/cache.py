@@ -34,7 +34,7 @@ from mpc.embedding import ops, quant, rng
 from mpc.embedding.base import check_indices, table_offsets
 from mpc.embedding.cache_reference import (COUNTER_NAMES, CacheLayout, ReferenceCachePolicy,
                                            cache_layout)
-from mpc.embedding.config import CachePolicy, EmbeddingConfig, Rounding
+from mpc.embedding.config import CachePolicy, EmbeddingConfig, Precision, Rounding
 from mpc.embedding.lowp import CHUNK_ROWS, QuantizedEmbeddingBag
 from mpc.embedding.ops import PRECISION_CODE, global_rows
 
@@ -350,6 +350,14 @@ class CachedQuantizedEmbeddingBag(QuantizedEmbeddingBag):
         weights = self.weights.clone()
         weights[rows] = stored
         return quant.export_torch_quantized(weights, self.precision, self.table_offsets)
+
+    def inference_tables(self) -> tuple[Precision, torch.Tensor]:
+        """The stored rows with every cached row as flush() would write it back
+        (re-quantized, as export_torch_quantized), in a copy: nothing here changes."""
+        rows, stored = self._requantized_cache()
+        weights = self.weights.clone()
+        weights[rows] = stored
+        return self.precision, weights
 
     def memory_bytes(self) -> dict[str, int]:
         """Exact bytes: stored rows, cache rows and every piece of cache state."""

@@ -195,6 +195,21 @@ class QATEmbeddingBag(FP32EmbeddingBag):
         """The tables the model computes with: q * s (not the masters, see `weights`)."""
         return fake_quantize_table(self.weights, self.table_offsets, self.scales, self.bits)
 
+    def inference_tables(self) -> tuple[Precision, torch.Tensor]:
+        """The fake-quantized tables q * s that evaluation reads (not the FP32 masters).
+
+        2/4/8 bits: fused INT{bits} rows (mpc.qat_export.fused_rows) with per-row scale s
+        and bias -2^(b-1) s, which dequantize (scale * value + bias, float32) to exactly
+        q * s because s is fp16-exact (symmetric_scale). 16 bits: q * s in FP32 (no
+        16-bit integer row format)."""
+        if self.bits == 16:
+            return Precision.FP32, self.to_float()
+        from mpc.qat_export import fused_rows  # qat_export imports this module
+
+        counts = self.table_offsets[1:] - self.table_offsets[:-1]
+        rows = fused_rows(self.quantized_codes(), self.scales.repeat_interleave(counts), self.bits)
+        return Precision(f"int{self.bits}"), rows
+
     def export_bytes(self) -> dict[str, int]:
         """Bytes of real b-bit storage: packed codes and one fp32 scale per table."""
         return {"values": self.config.total_rows * (-(-self.dim * self.bits // 8)),
@@ -281,6 +296,11 @@ class PTQEmbeddingBag(FP32EmbeddingBag):
                 self._quantized = fake_quantize_table(self.weights, self.table_offsets, scales,
                                                       self.options.bits)
         return self._quantized
+
+    def inference_tables(self) -> tuple[Precision, torch.Tensor]:
+        """What evaluation reads: the fused rows (row granularity) or the per-table
+        fake-quantized FP32 tables (table granularity), a copy of `quantized()`."""
+        return self.row_precision or Precision.FP32, self.quantized().clone()
 
     def lookup(self, indices, offsets):
         if self.training:

@@ -113,7 +113,17 @@ def claims(table: pd.DataFrame, data_description: str, threshold: float) -> dict
         r = fp.iloc[0]
         out["dlrm_fp32_reference"] = {
             "ours": f"{r.accuracy * 100:.2f}% / {r.logloss:.4f} / {r.auc:.4f}",
-            "verdict": "same model and recipe; the data differs (our generator is calibrated to a Kaggle-like "
-                       "AUC), so agreement in level is by construction, not a reproduction",
+            "verdict": fp32_reference_verdict(float(r.auc)),
             "data": data_description}
     return out
+
+
+def fp32_reference_verdict(auc: float, paper_auc: float = 0.80) -> str:
+    """The DLRM reference row: same model and recipe, different data; what the AUC level says."""
+    gap = auc - paper_auc
+    level = (f"our test AUC is {abs(gap):.3f} {'below' if gap < 0 else 'above'} the reference's ~{paper_auc:.2f}"
+             if abs(gap) >= 0.01 else f"our test AUC is within 0.01 of the reference's ~{paper_auc:.2f}")
+    why = ("; the generator is calibrated to reach ~0.80 at its medium scale with 4M samples "
+           "(results/calibration.json), and the level falls with fewer training samples per table row, as here"
+           if gap < -0.01 else "")
+    return f"not a reproduction (synthetic data, same model and recipe): {level}{why}"

@@ -9,6 +9,8 @@ tidy rows of mpc.inference.study to the same kinds of figures for DLRM:
                        FP32, on the FP32 rows where only the runtime changes
     pattern_summary    per design point of each sweep (MLP depth/pattern, width,
                        embedding dim, table size vs LLC, precision x lookup)
+    batch_trends       per runtime: speed-up at the smallest vs the largest batch size
+                       (runtimes can go opposite ways: never pooled for the verdict)
     reference_latency  latency (median, p10-p90) and throughput of the Kaggle-shape model
     paper_comparison   the paper's numbers (CNNs) beside ours (DLRM), never merged
     claim              the report's record for claim fff_runtime_speedup
@@ -49,19 +51,34 @@ def noise_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame.lookup == BASELINE]
 
 
+def _num(v) -> str:
+    """A swept value as written: 6 not 6.0 (a column with gaps holds ints as floats)."""
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+        return str(int(v))
+    if isinstance(v, np.integer):
+        return str(int(v))
+    return str(v)
+
+
+def _span(lo: float, hi: float) -> str:
+    """'8x' when both ends print alike, else '2-8x' (ratios to 3 significant digits)."""
+    a, b = f"{lo:.3g}", f"{hi:.3g}"
+    return f"{a}x" if a == b else f"{a}-{b}x"
+
+
 def _label(row) -> str:
     sweep = row["sweep"]
     if sweep == "mlp_depth":
-        return f"{row['mlp_pattern']} x{row['mlp_depth']}"
+        return f"{row['mlp_pattern']} x{_num(row['mlp_depth'])}"
     if sweep == "mlp_width":
-        return f"width {row['mlp_width']}"
+        return f"width {_num(row['mlp_width'])}"
     if sweep == "dim":
-        return f"dim {row['dim']}"
+        return f"dim {_num(row['dim'])}"
     if sweep == "table_size" and not pd.isna(row.get("table_over_llc")):
         return f"{row['table_over_llc']:.3g}x LLC"
     if row["vary"] == "precision":
         return f"{row['precision']} {row['lookup']}"
-    return f"{row['vary']} {row['x']}"
+    return f"{row['vary']} {_num(row['x'])}"
 
 
 def label_points(frame: pd.DataFrame) -> pd.DataFrame:
@@ -223,13 +240,50 @@ def _direction(a: float, b: float, tol: float = 0.1) -> str:
     return "about equal"
 
 
-def _batch_contrast(rows: pd.DataFrame) -> str:
-    by_batch = rows.groupby("batch").speedup.apply(geomean)
-    if len(by_batch) < 2:
+def batch_trends(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per runtime (eager left out: it is the baseline's framework), over the FP32 gather
+    rows: geometric-mean speed-up at the smallest and at the largest batch size of the
+    study, and `trend`: "falls" / "rises" / "flat" as the batch grows (10% margin)."""
+    rt = runtime_rows(frame)
+    rt = rt[rt.runtime != "eager"]
+    if rt.batch.nunique() < 2:
+        return pd.DataFrame(columns=["runtime", "batch_lo", "speedup_lo", "batch_hi", "speedup_hi", "trend"])
+    lo, hi = int(rt.batch.min()), int(rt.batch.max())
+    out = []
+    for runtime, g in rt.groupby("runtime", sort=False):
+        a, b = g[g.batch == lo].speedup, g[g.batch == hi].speedup
+        if not (len(a) and len(b)):
+            continue
+        s_lo, s_hi = geomean(a), geomean(b)
+        trend = "falls" if s_lo > s_hi * 1.1 else "rises" if s_hi > s_lo * 1.1 else "flat"
+        out.append({"runtime": runtime, "batch_lo": lo, "speedup_lo": s_lo, "batch_hi": hi,
+                    "speedup_hi": s_hi, "trend": trend})
+    return pd.DataFrame(out, columns=["runtime", "batch_lo", "speedup_lo", "batch_hi", "speedup_hi", "trend"])
+
+
+def _names(trends: pd.DataFrame, trend: str) -> list[str]:
+    return list(trends[trends.trend == trend].runtime)
+
+
+def _batch_contrast(frame: pd.DataFrame) -> str:
+    """The speed-up at the smallest against the largest batch, runtime by runtime (pooled
+    over runtimes, opposite trends cancel and the pooled figure says little)."""
+    t = batch_trends(frame)
+    if not len(t):
         return ""
-    lo, hi = by_batch.index.min(), by_batch.index.max()
-    return (f"Over all runtimes, the speed-up at batch {lo} (geomean {by_batch[lo]:.2f}x) is "
-            f"{_direction(by_batch[lo], by_batch[hi])} compared with batch {hi} ({by_batch[hi]:.2f}x). ")
+    lo, hi = t.batch_lo.iloc[0], t.batch_hi.iloc[0]
+    per = "; ".join(f"{r.runtime} {r.speedup_lo:.2f}x vs {r.speedup_hi:.2f}x" for r in t.itertuples())
+    groups = [(f"larger at batch {lo}", _names(t, "falls")), (f"larger at batch {hi}", _names(t, "rises")),
+              ("about equal (within 10%)", _names(t, "flat"))]
+    text = (f"Per runtime, geomean speed-up at batch {lo} vs batch {hi}: {per}; "
+            + "; ".join(f"{what}: {', '.join(names)}" for what, names in groups if names) + ". ")
+    if _names(t, "falls") and _names(t, "rises"):
+        rt = runtime_rows(frame)
+        rt = rt[rt.runtime.isin(set(t.runtime))]
+        a, b = geomean(rt[rt.batch == lo].speedup), geomean(rt[rt.batch == hi].speedup)
+        text += (f"Pooled over runtimes these opposite trends cancel ({a:.2f}x at batch {lo}, {b:.2f}x at "
+                 f"batch {hi}), so the pooled figure does not describe any one runtime. ")
+    return text
 
 
 def _llc_contrast(frame: pd.DataFrame) -> str:
@@ -239,7 +293,7 @@ def _llc_contrast(frame: pd.DataFrame) -> str:
     if not (len(inside) and len(beyond)):
         return ""
     a, b = geomean(beyond.speedup), geomean(inside.speedup)
-    span = f"{beyond.table_over_llc.min():.3g}-{beyond.table_over_llc.max():.3g}x"
+    span = _span(beyond.table_over_llc.min(), beyond.table_over_llc.max())
     return (f"With tables far beyond the LLC ({span}) the runtimes' speed-up ({a:.2f}x) is "
             f"{_direction(a, b)} compared with tables inside it ({b:.2f}x). ")
 
@@ -250,27 +304,49 @@ def _precision_clause(frame: pd.DataFrame) -> str:
         return ""
     parts = [f"{p} {lk} {geomean(g.speedup):.2f}x" for (p, lk), g in f.groupby(["precision", "lookup"])]
     where = f.table_over_llc.dropna()
-    size = f" (tables {where.min():.3g}x LLC in FP32)" if len(where) else ""
+    size = f" (tables {_span(where.min(), where.max())} LLC in FP32)" if len(where) else ""
     return f" Low-precision tables in eager PyTorch{size}, geomean over batches and id laws: {', '.join(parts)}."
 
 
-def _what_transfers(rt: pd.DataFrame) -> str:
-    """Where the runtimes' gain sits, read from the data: per-call overhead (largest at
-    the smallest batch) or arithmetic (growing with the batch, as in compute-bound CNNs)."""
-    by_batch = rt[rt.runtime != "eager"].groupby("batch").speedup.apply(geomean)
-    if len(by_batch) < 2:
-        return "What transfers is the method (same model, runtime swapped, speed-up per design point)."
-    lo, hi = by_batch[by_batch.index.min()], by_batch[by_batch.index.max()]
-    if lo > hi * 1.1:
-        where = ("the gain shrinks as the batch grows, so it comes mostly from removing per-call "
-                 "framework overhead, not from faster arithmetic")
-    elif hi > lo * 1.1:
-        where = ("the gain grows with the batch, so it comes from faster arithmetic (fused, better "
-                 "blocked kernels), the regime of the paper's compute-bound CNNs")
-    else:
-        where = "the gain hardly depends on the batch size"
-    return (f"What transfers is the method (same model, runtime swapped, speed-up per design point); "
-            f"on DLRM {where}.")
+def _what_transfers(frame: pd.DataFrame) -> str:
+    """Where each runtime's gain sits, read from the data: per-call overhead (largest at
+    the smallest batch) or arithmetic (growing with the batch, as in compute-bound CNNs).
+    Runtime by runtime: the runtimes of one study can go opposite ways."""
+    head = "What transfers is the method (same model, runtime swapped, speed-up per design point)"
+    t = batch_trends(frame)
+    if not len(t):
+        return head + "."
+    lo, hi = t.batch_lo.iloc[0], t.batch_hi.iloc[0]
+    parts = []
+
+    def join(names):
+        return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
+
+    falls = t[t.trend == "falls"]
+    gain, loss = list(falls[falls.speedup_lo > 1].runtime), list(falls[falls.speedup_lo <= 1].runtime)
+    if gain:
+        parts.append(f"for {join(gain)} the gain shrinks as the batch grows, so it comes mostly from removing "
+                     f"per-call framework overhead, not from faster arithmetic")
+    if loss:
+        parts.append(f"for {join(loss)} the speed-up falls as the batch grows")
+    rises = t[t.trend == "rises"]
+    slow, fast = list(rises[rises.speedup_lo < 1].runtime), list(rises[rises.speedup_lo >= 1].runtime)
+    if slow:
+        wins = [r for r in slow if float(rises.set_index("runtime").speedup_hi[r]) > 1.1]
+        one = len(slow) == 1
+        parts.append(f"{join(slow)} {'is' if one else 'are'} slower than eager at batch {lo}, where the fixed "
+                     f"cost of a call weighs most (so {'its' if one else 'their'} per-call overhead is larger "
+                     f"than eager's), and the gap closes as the batch grows"
+                     + (f" ({join(wins)} ahead at batch {hi})" if wins else ""))
+    if fast:
+        parts.append(f"for {join(fast)} the gain grows with the batch, so it comes from faster arithmetic "
+                     f"(fused, better blocked kernels), the regime of the paper's compute-bound CNNs")
+    flat = _names(t, "flat")
+    if flat:
+        parts.append(f"for {join(flat)} the speed-up hardly depends on the batch size")
+    if len(t) == 1:
+        return f"{head}; on DLRM {parts[0]}."
+    return f"{head}; on DLRM the batch size matters differently per runtime: {'; '.join(parts)}."
 
 
 def claim(frame: pd.DataFrame, paper: dict, machine: str, threads: int, data: str,
@@ -313,7 +389,7 @@ def _verdict(rt, per, frame, paper, machine, threads, foreign_cpu_cores) -> str:
     if math.isfinite(ov):
         text += (f"OpenVINO's average ({ov:.2f}x) is {_direction(ov, paper_ratio)} compared with the paper's "
                  f"{paper['average_speedup_percent']}% read as {paper_ratio:.1f}x. ")
-    return text + _batch_contrast(rt) + _llc_contrast(frame) + _what_transfers(rt)
+    return text + _batch_contrast(frame) + _llc_contrast(frame) + _what_transfers(frame)
 
 
 def checks(frame: pd.DataFrame) -> dict:

@@ -22,8 +22,11 @@ Quantized MLP layers (DQRM) become plain Linear layers holding their dequantized
 weights q * s: the runtimes compute the MLPs in FP32 either way. Integer tables keep
 exactly the trained bytes: INT8 rows split into uint8 values and
 their fp32 scale/bias, INT4/INT2 rows into packed bytes and their fp16 scale/bias held as
-fp32 (exact). An FP32 model asked for INT8/INT4 is quantized post-training (nearest, the
-fused format of mpc.embedding.quant).
+fp32 (exact). The tables are those evaluation reads (`EmbeddingBackend.inference_tables`):
+a QAT model's fake-quantized q * s as fused INT{bits} rows (exact, its scales are
+fp16-exact), a PTQ model's quantized tables, a cached model's rows with the cache written
+back as a flush would (on a copy: the trained model is not changed). An FP32 model asked
+for INT8/INT4 is quantized post-training (nearest, the fused format of mpc.embedding.quant).
 """
 
 from __future__ import annotations
@@ -88,25 +91,44 @@ def _find_storage(backend: EmbeddingBackend, precision: Precision) -> torch.Tens
 
 
 def table_storage(backend: EmbeddingBackend, precision: Precision | str | None = None) -> TableStorage:
-    """The tables of a trained backend in `precision` (default: the backend's own).
+    """The tables a trained backend evaluates with, in `precision` (default: the format
+    the backend evaluates in). The backend is left unchanged (no flush).
 
-    A backend that stores `precision` gives its bytes unchanged (after `flush()`, which
-    writes a cache back to its storage). Otherwise the FP32 view (`to_float()`) is
-    quantized with round-to-nearest: post-training quantization.
+    A backend that says what evaluation reads (`inference_tables()`: QAT's and PTQ's
+    quantized tables, a cache's rows as a flush would write them back) gives exactly
+    those; any other gives its stored buffer when it stores `precision`. Otherwise the
+    FP32 view of those tables (dequantized, or `to_float()`) is quantized with
+    round-to-nearest: post-training quantization.
     """
-    own = backend.config.precision
-    precision = own if precision is None else Precision(precision)
-    backend.flush()
-    stored = _find_storage(backend, precision) if precision is own else None
-    if stored is not None:
-        storage = stored.detach().clone()
+    inner = getattr(backend, "inner", None)
+    if isinstance(inner, EmbeddingBackend):     # a wrapper (mpc.distributed): its backend's tables
+        return table_storage(inner, precision)
+    asked = None if precision is None else Precision(precision)
+    exact = backend.inference_tables()
+    if exact is not None:
+        own, tables = exact
+        precision = own if asked is None else asked
+        if precision is own:
+            storage = tables.detach()
+        else:
+            weights = quant.dequantize_rows(tables, own, backend.dim) if own.is_integer else tables.float()
+            storage = _post_training(weights.detach(), own, precision)
     else:
-        weights = backend.to_float().detach()
-        if precision is not own:
-            log.info("quantizing %s tables to %s for inference (post-training, nearest)",
-                     own.value, precision.value)
-        storage = quant.quantize_rows(weights, precision, Rounding.NEAREST)
+        own = backend.config.precision
+        precision = own if asked is None else asked
+        stored = _find_storage(backend, precision) if precision is own else None
+        if stored is not None:
+            storage = stored.detach().clone()
+        else:
+            storage = _post_training(backend.to_float().detach(), own, precision)
     return TableStorage(precision, storage.contiguous(), backend.table_offsets.clone(), backend.dim)
+
+
+def _post_training(weights: torch.Tensor, own: Precision, precision: Precision) -> torch.Tensor:
+    if precision is not own and precision is not Precision.FP32:
+        log.info("quantizing %s tables to %s for inference (post-training, nearest)",
+                 own.value, precision.value)
+    return quant.quantize_rows(weights, precision, Rounding.NEAREST)
 
 
 # --- lookups: cat (B, T) int64 ids local to their table -> (B, T, D) float32 ----------
@@ -249,8 +271,10 @@ class InferenceDLRM(nn.Module):
     @classmethod
     def from_model(cls, model, precision: Precision | str | None = None,
                    lookup: LookupKind | str = LookupKind.GATHER) -> "InferenceDLRM":
-        """Inference twin of a trained mpc.model.DLRM (which is left unchanged, bar a
-        cache flush). precision defaults to the embedding's own storage precision."""
+        """Inference twin of a trained mpc.model.DLRM in eval mode (which is left
+        unchanged). precision defaults to the format the embedding evaluates in
+        (table_storage: QAT's INT{bits} rows, PTQ's quantized rows, a cache's rows as
+        written back)."""
         lookup = LookupKind(lookup)
         tables = table_storage(model.embedding, precision)
         kw = {"use_kernels": model.embedding.config.use_kernels} if lookup is LookupKind.MPC_KERNELS else {}
