@@ -41,7 +41,7 @@ PROFILES: dict[str, dict[str, dict]] = {
                         "EVAL_EVERY": 1_000, "EVAL_SAMPLES": 20_000, "THREADS": 2,
                         "CONFIGS": ["fp32", "int8", "int4", "int8+5%lru", "int8+5%lfu", "int8+20%lru",
                                     "int4+1%lru", "int4+1%lfu", "int8+5%lru:nearest"]},
-        "03_speedup": {"DATA": "synthetic:full", "SAMPLES": 1_000_000, "BENCH_TABLES": "kaggle"},
+        "03_speedup": {"DATA": "synthetic:full", "SAMPLES": 1_000_000, "BENCH_TABLES": "kaggle", "REPEATS": 9},
         "04_cache_behaviour": {"DATA": "synthetic:full", "SAMPLES": 1_000_000},
         "05_dqrm": {"DATA": "synthetic:full", "SAMPLES": 1_000_000, "TRAIN_SAMPLES": 300_000, "EVAL_SAMPLES": None,
                     "THREADS": 2, "SCALE_PERIODS": [1, 200], "TIMING_ROUNDS": 4, "TIMING_MIN_STEPS": 400,

@@ -7,6 +7,7 @@ test here; each asserts values that a broken pipeline would not produce.
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -171,6 +172,24 @@ def test_a_notebook_runs_with_no_parameters(tmp_path):
     assert outcome.ok, outcome.error
     rec = json.loads((tmp_path / "01_memory_reduction" / "results.json").read_text())
     assert rec["parameters"]["MEASURE_SCALE"] == 0.01  # the notebook's own default
+
+
+def test_papermill_sees_every_parameter():
+    """`papermill --help-notebook` and its injection warnings read the same cell: a comment
+    papermill cannot parse (an '=' in it) would hide the parameter from users."""
+    import nbformat
+    import papermill as pm
+
+    from mpc.reproduce import NOTEBOOK_DIR
+
+    for name in notebooks():
+        path = NOTEBOOK_DIR / f"{name}.ipynb"
+        cell = next(c for c in nbformat.read(path, 4).cells if "parameters" in c.metadata.get("tags", []))
+        declared = [line.split("=")[0].strip() for line in cell.source.splitlines() if line[:1].isupper()]
+        found = set(pm.inspect_notebook(str(path)))
+        assert declared and set(declared) <= found, (name, sorted(set(declared) - found))
+        statements = re.split(r"\n(?=[A-Z])", cell.source.strip())  # a parameter and its continuation lines
+        assert all("#" in st for st in statements), (name, [st for st in statements if "#" not in st])
 
 
 def test_profiles_only_set_parameters_the_notebooks_have():

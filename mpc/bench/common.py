@@ -41,17 +41,23 @@ def random_batch(rng: np.random.Generator, cardinalities, batch_size: int, expon
     return torch.from_numpy(dense), torch.from_numpy(cat), torch.from_numpy(label)
 
 
-def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, inner: int) -> dict[str, list[float]]:
+def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, inner: int,
+                settle: dict[str, Callable[[], None]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, `rounds` times, interleaved so drift hits all alike.
 
     The order of the functions rotates from round to round, so that none is always the
-    one that runs first (after another's cache-evicting work) or last.
+    one that runs first (after another's cache-evicting work) or last. `settle[name]`,
+    if given, runs untimed before each of that function's rounds: the other contenders
+    ran in between, so its hot data left the CPU caches and TLBs; a few untimed steps
+    bring them back, so that a round times the steady state a real run is in.
     """
     out = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = fns[name]
+            if settle and name in settle:
+                settle[name]()
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
