@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mpc.runinfo import atomic_write_json, atomic_write_text, provenance  # noqa: E402
+from mpc.runinfo import atomic_write_bytes, atomic_write_json, provenance  # noqa: E402
 
 CONFIGS = {
     "fp32": ["--embedding", "fp32"],
@@ -58,7 +58,7 @@ def main() -> int:
         d_auc = [a - b for a, b in zip(auc, fp32_auc)]
         s = {"seeds": args.seeds, "auc": auc, "logloss": [r["test"]["logloss"] for r in rs],
              "accuracy": [r["test"]["accuracy"] for r in rs], "d_auc_vs_fp32": d_auc,
-             "embedding_bytes": rs[0]["memory"]["embedding_bytes"]}
+             "embedding_bytes": rs[0]["embedding_total_bytes"], "hit_rate": rs[0]["embedding_stats"].get("hit_rate")}
         summary[name] = s
         spread = statistics.stdev(auc) if len(auc) > 1 else 0.0
         rows.append(f"| {name} | {statistics.mean(auc):.4f} ± {spread:.4f} | "
@@ -73,7 +73,7 @@ def main() -> int:
           f"Commit `{prov['commit']}`, {prov['machine'].get('cpu', '')}. Made by `python scripts/small_accuracy.py`.",
           "", "| config | test AUC (mean ± sd) | logloss | accuracy | dAUC vs FP32 (mean [min, max], paired by seed) "
           "| embedding MB |", "|---|---|---|---|---|---|", *rows, ""]
-    atomic_write_text(args.out / "summary.md", "\n".join(md))
+    atomic_write_bytes(args.out / "summary.md", ("\n".join(md)).encode())
     print("\n".join(md))
     return 0
 
