@@ -231,6 +231,17 @@ MPC_HD void dequantize_row(int p, const uint8_t* row, int dim, float* out) {
   for (int c = 0; c < dim; ++c) out[c] = load_value(p, row, c, scale, bias);
 }
 
+// A row's scale and bias after its nb packed bytes: fp32 for INT8, fp16 for INT4/INT2.
+MPC_HD void store_qparams(int p, const QParams& qp, uint8_t* sb) {
+  if (p == kINT8) {
+    store_u32(sb, f2u(qp.scale));
+    store_u32(sb + 4, f2u(qp.bias));
+  } else {
+    store_u16(sb, float_to_half_rne(qp.scale));
+    store_u16(sb + 2, float_to_half_rne(qp.bias));
+  }
+}
+
 // Quantize one float row into `row`. rowkey/purpose feed the stochastic stream.
 MPC_HD void quantize_row(int p, const float* x, int dim, uint8_t* row, bool stochastic,
                          uint32_t rowkey, int purpose) {
@@ -257,14 +268,7 @@ MPC_HD void quantize_row(int p, const float* x, int dim, uint8_t* row, bool stoc
     int q = quantize_code(x[c], qp, maxq, stochastic, h);
     row[c / per] |= (uint8_t)(q << ((c % per) * bits));
   }
-  uint8_t* sb = row + nb;
-  if (p == kINT8) {
-    store_u32(sb, f2u(qp.scale));
-    store_u32(sb + 4, f2u(qp.bias));
-  } else {
-    store_u16(sb, float_to_half_rne(qp.scale));
-    store_u16(sb + 2, float_to_half_rne(qp.bias));
-  }
+  store_qparams(p, qp, row + nb);
 }
 
 }  // namespace mpc_rowformat

@@ -112,14 +112,7 @@ inline void quantize_row_cpu(int p, const float* x, int dim, uint8_t* row, bool 
         memcpy(row + c / 2, &packed, 4);
       }
     }
-    uint8_t* sb = row + nb;
-    if (p == kINT8) {
-      store_u32(sb, f2u(qp.scale));
-      store_u32(sb + 4, f2u(qp.bias));
-    } else {
-      store_u16(sb, float_to_half_rne(qp.scale));
-      store_u16(sb + 2, float_to_half_rne(qp.bias));
-    }
+    store_qparams(p, qp, row + nb);
     return;
   }
 #endif
