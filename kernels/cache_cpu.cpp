@@ -107,17 +107,25 @@ void check_bounds(const torch::Tensor& bounds, int64_t parts, int64_t n, const c
 // dynamically, so a shard of hot small tables does not hold the others up.
 constexpr int64_t kSetsPerBlock = 16;
 constexpr int64_t kShards = 64;
-constexpr int64_t kPrefetchAhead = 8;   // accesses of the shard: enough to overlap DRAM latency
-constexpr int64_t kPrefetchHeader = 16; // header sets: the header this far ahead, the way at kPrefetchAhead
+constexpr int64_t kPrefetchAhead = 16;  // accesses of the shard: enough to overlap DRAM latency
+constexpr int64_t kPrefetchHeader = 32; // header sets: the header this far ahead, the way at kPrefetchAhead
 inline int32_t shard_of(int64_t set) { return (int32_t)((set / kSetsPerBlock) % kShards); }
 
 // The batch located: global row, table, group and set (local to the group) of every id,
 // and the ids grouped by shard: order[shard_start[s] .. shard_start[s+1]) are shard s's
 // positions, ascending (batch order).
+// With by_shard, `seq` holds the same facts in shard order (seq[k] is position
+// order[k]): the walk then reads one sequential array instead of gathering from four.
+struct Access {
+  int64_t row, set;
+  int32_t group, table;
+};
+
 struct Located {
   std::vector<int64_t> row, set;
   std::vector<int32_t> table, group;
   std::vector<int32_t> order;
+  std::vector<Access> seq;
   int64_t shard_start[kShards + 1];
 };
 
@@ -178,7 +186,12 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
     int64_t next[kShards];
     std::copy(loc.shard_start, loc.shard_start + kShards, next);
     loc.order.resize(n);
-    for (int64_t i = 0; i < n; ++i) loc.order[next[shard[i]]++] = (int32_t)i;
+    loc.seq.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k = next[shard[i]]++;
+      loc.order[k] = (int32_t)i;
+      loc.seq[k] = Access{loc.row[i], loc.set[i], loc.group[i], loc.table[i]};
+    }
   }
   return loc;
 }
@@ -279,37 +292,39 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
   const Located& loc = w.loc;
   const int64_t lo = loc.shard_start[shard], hi = loc.shard_start[shard + 1];
   const int32_t* order = loc.order.data();
+  const Access* seq = loc.seq.data();
   acc.events.clear();
   acc.rejected.clear();
   for (int64_t k = lo; k < hi; ++k) {
     if (k + kPrefetchHeader < hi) {
-      const int64_t j = order[k + kPrefetchHeader];
-      const SetRef sj = set_ref(w.a, w.geo + loc.group[j] * kGeomFields, loc.set[j]);
-      if (sj.fp) prefetch_set(sj, nullptr, loc.row[j]);
+      const Access& aj = seq[k + kPrefetchHeader];
+      const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
+      if (sj.fp) prefetch_set(sj, nullptr, aj.row);
     }
     if (k + kPrefetchAhead < hi) {
-      const int64_t j = order[k + kPrefetchAhead];
-      const SetRef sj = set_ref(w.a, w.geo + loc.group[j] * kGeomFields, loc.set[j]);
-      if (sj.fp) prefetch_way(sj, loc.row[j]);
-      else prefetch_set(sj, Policy == kLFU ? w.a.row_counts : nullptr, loc.row[j]);
+      const Access& aj = seq[k + kPrefetchAhead];
+      const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
+      if (sj.fp) prefetch_way(sj, aj.row);
+      else prefetch_set(sj, Policy == kLFU ? w.a.row_counts : nullptr, aj.row);
     }
+    const Access& ak = seq[k];
     const int64_t i = order[k];
-    const int32_t gi = loc.group[i];
+    const int32_t gi = ak.group;
     const int64_t* g = w.geo + gi * kGeomFields;
-    const int64_t row = loc.row[i], start = w.clk[gi], now = start + (i - w.bnd[gi]) + 1;
-    AccessResult res = access<Policy>(set_ref(w.a, g, loc.set[i]), w.a.row_counts, row, now, start);
-    int64_t* ct = acc.counters.data() + loc.table[i] * kCounterFields;
+    const int64_t row = ak.row, start = w.clk[gi], now = start + (i - w.bnd[gi]) + 1;
+    AccessResult res = access<Policy>(set_ref(w.a, g, ak.set), w.a.row_counts, row, now, start);
+    int64_t* ct = acc.counters.data() + ak.table * kCounterFields;
     ct[kLookups] += 1;
     ct[res.hit ? kHits : kMisses] += 1;
     ct[kFills] += res.filled;
     acc.touched += res.first_touch;
     if (res.way < 0) acc.rejected.push_back((int32_t)k);
     if (res.filled) acc.events.push_back((int32_t)k);
-    out.slot[k] = res.way < 0 ? -1 : g[kSlotOffset] + loc.set[i] * g[kWays] + res.way;
+    out.slot[k] = res.way < 0 ? -1 : g[kSlotOffset] + ak.set * g[kWays] + res.way;
     out.evicted[k] = res.evicted;
     out.filled[k] = res.filled;
     if (res.evicted >= 0) {  // the victim's table: the group's own unless the group is shared
-      const int64_t vt = w.G == w.T ? loc.table[i] : table_of(w.toff, w.T, res.evicted);
+      const int64_t vt = w.G == w.T ? ak.table : table_of(w.toff, w.T, res.evicted);
       acc.counters[vt * kCounterFields + kEvictions] += 1;
     }
   }
@@ -321,22 +336,22 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
       if (e + kAhead < ne) {
         const int64_t k = acc.events[e + kAhead];
         __builtin_prefetch(rd.cache + out.slot[k] * rd.dim, 1, 3);
-        __builtin_prefetch(rd.storage + loc.row[order[k]] * rd.rb, 0, 3);
+        __builtin_prefetch(rd.storage + seq[k].row * rd.rb, 0, 3);
         if (out.evicted[k] >= 0) __builtin_prefetch(rd.storage + out.evicted[k] * rd.rb, 1, 3);
       }
       const int64_t k = acc.events[e];
-      rd.move(out.slot[k], out.evicted[k], loc.row[order[k]]);
+      rd.move(out.slot[k], out.evicted[k], seq[k].row);
     }
   }
   // A row rejected early may be admitted by a later access (LFU counts grow): every id
   // uses its row's final slot. Only this shard touches these sets.
   std::vector<int64_t> uncached;
   for (int32_t k : acc.rejected) {
-    const int64_t i = order[k];
-    const int64_t* g = w.geo + loc.group[i] * kGeomFields;
-    int32_t way = find(set_ref(w.a, g, loc.set[i]), loc.row[i]);
-    if (way >= 0) out.slot[k] = g[kSlotOffset] + loc.set[i] * g[kWays] + way;
-    else uncached.push_back(loc.row[i]);
+    const Access& ak = seq[k];
+    const int64_t* g = w.geo + ak.group * kGeomFields;
+    int32_t way = find(set_ref(w.a, g, ak.set), ak.row);
+    if (way >= 0) out.slot[k] = g[kSlotOffset] + ak.set * g[kWays] + way;
+    else uncached.push_back(ak.row);
   }
   acc.uncached += count_distinct(uncached, acc.distinct);  // a row lives in one shard
 }

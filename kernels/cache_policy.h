@@ -31,6 +31,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __CUDACC__
 #define MPC_CACHE_HD __host__ __device__ __forceinline__
@@ -167,7 +168,11 @@ MPC_CACHE_HD int32_t mru_fill(const uint8_t* mru, int32_t W) {
 
 // Move way w from mru[pos] (pos = fill: not yet listed) to the front.
 MPC_CACHE_HD void mru_to_front(uint8_t* mru, int32_t pos, int32_t w) {
+#ifdef __CUDA_ARCH__
   for (int32_t k = pos; k > 0; --k) mru[k] = mru[k - 1];
+#else
+  memmove(mru + 1, mru, (size_t)pos);
+#endif
   mru[0] = (uint8_t)w;
 }
 

@@ -106,14 +106,14 @@ class _PairDots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, flat: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(z, sym)
-        zz = torch.bmm(z, z.transpose(1, 2))
-        return zz.view(z.shape[0], -1).index_select(1, flat)
+        zz = torch.bmm(z, z.transpose(1, 2)).view(z.shape[0], -1)
+        return torch.gather(zz, 1, flat.expand(z.shape[0], -1))  # = index_select(1, flat), faster
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, sym = ctx.saved_tensors
         padded = torch.cat([grad, grad.new_zeros(grad.shape[0], 1)], dim=1)  # last column: the diagonal's 0
-        s = padded.index_select(1, sym).view(z.shape[0], z.shape[1], z.shape[1])
+        s = torch.gather(padded, 1, sym.expand(z.shape[0], -1)).view(z.shape[0], z.shape[1], z.shape[1])
         return torch.bmm(s, z), None, None
 
 
