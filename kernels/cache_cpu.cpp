@@ -58,7 +58,7 @@ CacheArrays arrays(const torch::Tensor& geometry, int64_t policy, const std::vec
   for (int64_t g = 0; g < G; ++g) {
     const int64_t* r = geo + g * kGeomFields;
     const bool scan = r[kIndexSize] == 0;
-    TORCH_CHECK(r[kWays] >= 1 && r[kNSets] >= 1 && r[kSlotOffset] == slots && r[kSetOffset] == sets &&
+    TORCH_CHECK(r[kWays] >= 1 && r[kNSets] >= 1 && r[kNSets] <= 0xFFFFFFFFll && r[kSlotOffset] == slots && r[kSetOffset] == sets &&
                     r[kIndexOffset] == index && r[kOrderOffset] == ordered && r[kStateOffset] == states &&
                     (scan ? r[kWays] <= kScanWays
                           : r[kIndexSize] >= 2 * r[kWays] && (r[kIndexSize] & (r[kIndexSize] - 1)) == 0) &&
@@ -170,7 +170,7 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
       loc.row[i] = row;
       loc.table[i] = (int32_t)t;
       loc.group[i] = (int32_t)g;
-      loc.set[i] = mix32((uint32_t)row) % (uint64_t)r[kNSets];
+      loc.set[i] = mix32((uint32_t)row) % (uint32_t)r[kNSets];  // nsets < 2^32 (checked)
       if (by_shard) shard[i] = (uint8_t)shard_of(r[kSetOffset] + loc.set[i]);
     }
   }

@@ -104,7 +104,12 @@ struct CacheArrays {
 };
 
 // The arrays of set `local_set` of the group whose geometry row is `g`.
-MPC_CACHE_HD SetRef set_ref(const CacheArrays& a, const int64_t* g, int64_t local_set) {
+#ifdef __CUDACC__
+MPC_CACHE_HD
+#else
+inline __attribute__((always_inline))
+#endif
+SetRef set_ref(const CacheArrays& a, const int64_t* g, int64_t local_set) {
   const int64_t W = g[kWays], base = g[kSlotOffset] + local_set * W;
   SetRef s;
   s.tags = a.tags + base;
@@ -139,31 +144,49 @@ MPC_CACHE_HD int32_t ctz32(uint32_t m) {
 #endif
 }
 
+// Byte compares over a set's header (2W bytes: fp[W] then mru[W]). With AVX2 a set of
+// 8 or more ways takes one 16- or 32-byte compare, reading only its own header bytes:
+// fingerprints from fp[0] forward, mru entries backward from mru[W] (the bytes
+// before mru[0] are the set's fingerprints, shifted out).
+#ifdef MPC_CACHE_AVX2
+inline uint32_t eq_mask32(const uint8_t* p, uint8_t f) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8((char)f)));
+}
+inline uint32_t eq_mask16(const uint8_t* p, uint8_t f) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8((char)f)));
+}
+#endif
+
+MPC_CACHE_HD uint32_t low_bits(int32_t W) { return W >= 32 ? 0xFFFFFFFFu : (1u << W) - 1; }
+
 // Bit w set where fp[w] == f (w < W).
 MPC_CACHE_HD uint32_t fp_matches(const uint8_t* fp, int32_t W, uint8_t f) {
 #ifdef MPC_CACHE_AVX2
-  if (W == 32) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(fp));
-    return (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8((char)f)));
-  }
+  if (W >= 16) return eq_mask32(fp, f) & low_bits(W);  // 32 <= 2W header bytes
+  if (W >= 8) return eq_mask16(fp, f) & low_bits(W);
 #endif
   uint32_t m = 0;
   for (int32_t w = 0; w < W; ++w) m |= (uint32_t)(fp[w] == f) << w;
   return m;
 }
 
+// Bit k set where mru[k] == v (k < W).
+MPC_CACHE_HD uint32_t mru_matches(const uint8_t* mru, int32_t W, uint8_t v) {
+#ifdef MPC_CACHE_AVX2
+  if (W >= 16) return eq_mask32(mru + W - 32, v) >> (32 - W);
+  if (W >= 8) return eq_mask16(mru + W - 16, v) >> (16 - W);
+#endif
+  uint32_t m = 0;
+  for (int32_t k = 0; k < W; ++k) m |= (uint32_t)(mru[k] == v) << k;
+  return m;
+}
+
 // Filled ways of a header set: the position of the first empty mru entry.
 MPC_CACHE_HD int32_t mru_fill(const uint8_t* mru, int32_t W) {
-#ifdef MPC_CACHE_AVX2
-  if (W == 32) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mru));
-    const uint32_t m = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8((char)kNoWay)));
-    return m ? ctz32(m) : 32;
-  }
-#endif
-  int32_t n = 0;
-  while (n < W && mru[n] != kNoWay) ++n;
-  return n;
+  const uint32_t m = mru_matches(mru, W, kNoWay);
+  return m ? ctz32(m) : W;
 }
 
 // Move way w from mru[pos] (pos = fill: not yet listed) to the front.
@@ -177,8 +200,7 @@ MPC_CACHE_HD void mru_to_front(uint8_t* mru, int32_t pos, int32_t w) {
 }
 
 MPC_CACHE_HD int32_t mru_pos(const uint8_t* mru, int32_t W, int32_t w) {
-  const uint32_t m = fp_matches(mru, W, (uint8_t)w);  // the same byte compare
-  return ctz32(m);  // w is listed exactly once
+  return ctz32(mru_matches(mru, W, (uint8_t)w));  // w is listed exactly once
 }
 
 // Way holding `row` in a header set, or -1 (empty ways hold tag -1: never a match).

@@ -98,6 +98,17 @@ def test_matches_emulator_on_edge_cases(case):
     run_against_emulator(EmbeddingConfig(**kw), steps=8, seed=case)
 
 
+def test_lru_header_sets_of_every_simd_width_match_the_emulator():
+    """LRU set headers of 1-7 ways (scalar compares), 8-15 (16-byte) and 16-32 (32-byte)."""
+    from mpc.embedding.cache_reference import cache_layout
+
+    cfg = EmbeddingConfig(cardinalities=(10, 18, 30, 32, 48, 62, 64, 200), dim=4, kind="int8", seed=3,
+                          cache=CacheConfig(0.5, "lru", 32))
+    ways = {g.ways for g in cache_layout(cfg.cardinalities, cfg.cache).groups}
+    assert {5, 9, 15, 16, 24, 31, 32} <= ways
+    run_against_emulator(cfg, steps=12, seed=5, max_batch=40)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_matches_emulator_on_random_configs(seed):
     rnd = random.Random(1000 + seed)
