@@ -256,7 +256,7 @@ struct ThreadTotals {
   std::vector<int64_t> counters;
   int64_t touched = 0, uncached = 0;
   std::vector<int32_t> events, rejected;  // scratch (places k), reused shard after shard
-  std::vector<int64_t> distinct;          // scratch: open-addressing set of uncached rows
+  std::vector<int64_t> uncached_rows, distinct;  // scratch: a shard's uncached rows, their open-addressing set
 };
 
 struct Walk {
@@ -345,7 +345,8 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
   }
   // A row rejected early may be admitted by a later access (LFU counts grow): every id
   // uses its row's final slot. Only this shard touches these sets.
-  std::vector<int64_t> uncached;
+  std::vector<int64_t>& uncached = acc.uncached_rows;
+  uncached.clear();
   for (int32_t k : acc.rejected) {
     const Access& ak = seq[k];
     const int64_t* g = w.geo + ak.group * kGeomFields;

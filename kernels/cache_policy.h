@@ -24,11 +24,12 @@
 // touches about 3 cache lines instead of the 8 of scanning 32 tags and 32 times. Every
 // access sets its way's time to the group's newest, so move-to-front keeps mru sorted
 // by time: its last way is the way of smallest time, the scan's victim.
+#pragma once
+
 #if !defined(__CUDACC__) && defined(__AVX2__)
 #include <immintrin.h>
 #define MPC_CACHE_AVX2 1
 #endif
-#pragma once
 
 #include <stdint.h>
 #include <string.h>
@@ -161,15 +162,20 @@ inline uint32_t eq_mask16(const uint8_t* p, uint8_t f) {
 
 MPC_CACHE_HD uint32_t low_bits(int32_t W) { return W >= 32 ? 0xFFFFFFFFu : (1u << W) - 1; }
 
+// Bit k set where p[k] == v (k < W): the portable compare.
+MPC_CACHE_HD uint32_t bytes_equal(const uint8_t* p, int32_t W, uint8_t v) {
+  uint32_t m = 0;
+  for (int32_t k = 0; k < W; ++k) m |= (uint32_t)(p[k] == v) << k;
+  return m;
+}
+
 // Bit w set where fp[w] == f (w < W).
 MPC_CACHE_HD uint32_t fp_matches(const uint8_t* fp, int32_t W, uint8_t f) {
 #ifdef MPC_CACHE_AVX2
   if (W >= 16) return eq_mask32(fp, f) & low_bits(W);  // 32 <= 2W header bytes
   if (W >= 8) return eq_mask16(fp, f) & low_bits(W);
 #endif
-  uint32_t m = 0;
-  for (int32_t w = 0; w < W; ++w) m |= (uint32_t)(fp[w] == f) << w;
-  return m;
+  return bytes_equal(fp, W, f);
 }
 
 // Bit k set where mru[k] == v (k < W).
@@ -178,9 +184,7 @@ MPC_CACHE_HD uint32_t mru_matches(const uint8_t* mru, int32_t W, uint8_t v) {
   if (W >= 16) return eq_mask32(mru + W - 32, v) >> (32 - W);
   if (W >= 8) return eq_mask16(mru + W - 16, v) >> (16 - W);
 #endif
-  uint32_t m = 0;
-  for (int32_t k = 0; k < W; ++k) m |= (uint32_t)(mru[k] == v) << k;
-  return m;
+  return bytes_equal(mru, W, v);
 }
 
 // Filled ways of a header set: the position of the first empty mru entry.
@@ -435,7 +439,7 @@ MPC_CACHE_HD void install(const SetRef& s, int32_t w, int64_t row, int64_t now, 
 // access() for an LRU set with a header (see the top of this file): the same decisions.
 MPC_CACHE_HD AccessResult access_header_lru(const SetRef& s, int64_t row, int64_t now, int64_t start) {
   AccessResult res = {-1, -1, false, false, false};
-  const int32_t W = s.ways, fill = mru_fill(s.mru, W);
+  const int32_t W = s.ways;
   int32_t w = header_find(s, row);
   if (w >= 0) {
     res.first_touch = s.times[w] <= start;
@@ -445,6 +449,7 @@ MPC_CACHE_HD AccessResult access_header_lru(const SetRef& s, int64_t row, int64_
     res.hit = true;
     return res;
   }
+  const int32_t fill = mru_fill(s.mru, W);  // a miss: fill or evict
   if (fill < W) {
     w = fill;  // the lowest empty way
     mru_to_front(s.mru, fill, w);

@@ -95,6 +95,12 @@ def dot_interaction(x: torch.Tensor, emb: torch.Tensor, li: torch.Tensor, lj: to
     return torch.cat([x, zz[:, li, lj]], dim=1)          # (B, D + (T+1)T/2)
 
 
+def pair_dots(z: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Entries `flat` of each sample's Z Z^T, flattened: (B, n, D) -> (B, len(flat))."""
+    zz = torch.bmm(z, z.transpose(1, 2)).view(z.shape[0], -1)
+    return torch.gather(zz, 1, flat.expand(z.shape[0], -1))  # = index_select(1, flat), faster
+
+
 class _PairDots(torch.autograd.Function):
     """Z (B, n, D) -> the n(n-1)/2 dots z_i . z_j, i > j, in torch.tril_indices order.
 
@@ -106,8 +112,7 @@ class _PairDots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, flat: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(z, sym)
-        zz = torch.bmm(z, z.transpose(1, 2)).view(z.shape[0], -1)
-        return torch.gather(zz, 1, flat.expand(z.shape[0], -1))  # = index_select(1, flat), faster
+        return pair_dots(z, flat)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -128,8 +133,6 @@ class DotInteraction(nn.Module):
         sym = torch.full((n, n), len(li), dtype=torch.int64)  # len(li): the zero column
         sym[li, lj] = pairs
         sym[lj, li] = pairs
-        self.register_buffer("li", li, persistent=False)
-        self.register_buffer("lj", lj, persistent=False)
         self.register_buffer("flat", li * n + lj, persistent=False)
         self.register_buffer("sym", sym.flatten(), persistent=False)
 
@@ -138,7 +141,7 @@ class DotInteraction(nn.Module):
         if torch.is_grad_enabled() and z.requires_grad:
             dots = _PairDots.apply(z, self.flat, self.sym)
         else:
-            dots = torch.bmm(z, z.transpose(1, 2)).flatten(1).index_select(1, self.flat)
+            dots = pair_dots(z, self.flat)
         return torch.cat([x, dots], dim=1)
 
 

@@ -346,9 +346,7 @@ class CachedQuantizedEmbeddingBag(QuantizedEmbeddingBag):
 
     def export_torch_quantized(self) -> list[torch.Tensor]:
         """As QuantizedEmbeddingBag's, with the cached rows as flush() would write them."""
-        rows, stored = self._requantized_cache()
-        weights = self.weights.clone()
-        weights[rows] = stored
+        _, weights = self.inference_tables()
         return quant.export_torch_quantized(weights, self.precision, self.table_offsets)
 
     def inference_tables(self) -> tuple[Precision, torch.Tensor]:
