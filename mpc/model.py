@@ -97,7 +97,7 @@ def dot_interaction(x: torch.Tensor, emb: torch.Tensor, li: torch.Tensor, lj: to
 
 def pair_dots(z: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Entries `flat` of each sample's Z Z^T, flattened: (B, n, D) -> (B, len(flat))."""
-    zz = torch.bmm(z, z.transpose(1, 2)).view(z.shape[0], -1)
+    zz = torch.bmm(z, z.transpose(1, 2)).view(z.shape[0], z.shape[1] * z.shape[1])  # B may be 0
     return torch.gather(zz, 1, flat.expand(z.shape[0], -1))  # = index_select(1, flat), faster
 
 
@@ -122,11 +122,43 @@ class _PairDots(torch.autograd.Function):
         return torch.bmm(s, z), None, None
 
 
-class DotInteraction(nn.Module):
-    """DLRM's dot interaction for n = T + 1 vectors: same values as `dot_interaction`."""
+class _KernelInteraction(torch.autograd.Function):
+    """The whole interaction, forward and backward, in one C++ kernel each (CPU float32;
+    kernels/interaction_cpu.cpp): no (B, n, n) products in memory, no cat, no gather."""
 
-    def __init__(self, num_vectors: int):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, emb: torch.Tensor, module) -> torch.Tensor:
+        ctx.save_for_backward(x, emb)
+        ctx.module = module
+        return module.dot_interaction_forward(x, emb)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, emb = ctx.saved_tensors
+        gx, ge = ctx.module.dot_interaction_backward(grad, x, emb)
+        return gx, ge, None
+
+
+def interaction_kernels(x: torch.Tensor, emb: torch.Tensor):
+    """The compiled interaction module when it applies to these inputs, else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or emb.dtype != torch.float32:
+        return None
+    from mpc import kernels
+
+    module = kernels.load()
+    return module if module is not None and hasattr(module, "dot_interaction_forward") else None
+
+
+class DotInteraction(nn.Module):
+    """DLRM's dot interaction for n = T + 1 vectors: same values as `dot_interaction`.
+
+    On CPU float32 it runs the compiled kernel (`_KernelInteraction`); elsewhere, or
+    with `use_kernels=False`, torch ops (`_PairDots`). Tests compare the two.
+    """
+
+    def __init__(self, num_vectors: int, use_kernels: bool = True):
         super().__init__()
+        self.use_kernels = use_kernels
         n = num_vectors
         li, lj = torch.tril_indices(n, n, offset=-1)
         pairs = torch.arange(len(li))
@@ -137,6 +169,11 @@ class DotInteraction(nn.Module):
         self.register_buffer("sym", sym.flatten(), persistent=False)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        module = interaction_kernels(x, emb) if self.use_kernels else None
+        if module is not None:
+            if torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad):
+                return _KernelInteraction.apply(x, emb, module)
+            return module.dot_interaction_forward(x, emb)
         z = torch.cat([x.unsqueeze(1), emb], dim=1)
         if torch.is_grad_enabled() and z.requires_grad:
             dots = _PairDots.apply(z, self.flat, self.sym)

@@ -11,7 +11,7 @@ from mpc.bench.baseline import baseline_dlrm, baseline_optimizer
 from mpc.criteo import KAGGLE_CARDINALITIES
 from mpc.embedding import EmbeddingConfig, build_embedding, jagged_from_dense
 from mpc.embedding.base import check_indices
-from mpc.model import DLRM, DLRMConfig, DotInteraction, dot_interaction
+from mpc.model import DLRM, DLRMConfig, DotInteraction, dot_interaction, interaction_kernels
 from mpc.train import sgd_step
 
 CARDS = (11, 5, 40, 3, 17)
@@ -48,23 +48,51 @@ def test_interaction_matches_a_naive_loop():
     assert torch.allclose(out[:, D:], torch.tensor(naive), atol=1e-6)
 
 
-@pytest.mark.parametrize("T", [1, 4, 26])
-def test_fast_interaction_matches_the_reference_with_gradients(T):
-    B, D = 7, 5
-    g = torch.Generator().manual_seed(T)
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["torch", "kernel"])
+@pytest.mark.parametrize("T,B,D", [(1, 7, 5), (4, 7, 5), (26, 7, 5), (26, 130, 16), (9, 1, 13), (3, 0, 8)])
+def test_fast_interaction_matches_the_reference_with_gradients(T, B, D, use_kernels):
+    if use_kernels:  # the compiled path must be the one under test (MPC_REQUIRE_KERNELS: a build error fails)
+        assert interaction_kernels(torch.zeros(1, D), torch.zeros(1, T, D)) is not None
+    g = torch.Generator().manual_seed(T * 1000 + B)
     x0, e0 = torch.randn(B, D, generator=g), torch.randn(B, T, D, generator=g)
     li, lj = torch.tril_indices(T + 1, T + 1, offset=-1)
     upstream = torch.randn(B, D + len(li), generator=g)
+    fast_module = DotInteraction(T + 1, use_kernels=use_kernels)
     grads = []
-    for f in (lambda x, e: dot_interaction(x, e, li, lj), DotInteraction(T + 1)):
+    for f in (lambda x, e: dot_interaction(x, e, li, lj), fast_module):
         x, e = x0.clone().requires_grad_(), e0.clone().requires_grad_()
         out = f(x, e)
         out.backward(upstream)
         grads.append((out.detach(), x.grad, e.grad))
     for ref, fast in zip(grads[0], grads[1]):
+        assert ref.shape == fast.shape
         assert torch.allclose(ref, fast, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the inference path gives the same values
-        assert torch.allclose(DotInteraction(T + 1)(x0, e0), grads[0][0], atol=1e-6)
+        assert torch.allclose(fast_module(x0, e0), grads[0][0], atol=1e-6)
+    # a non-contiguous embedding input (a transposed view) gives the same values too
+    e_t = e0.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.allclose(fast_module(x0, e_t), grads[0][0], atol=1e-6)
+
+
+def test_interaction_kernel_is_independent_of_the_thread_count():
+    if interaction_kernels(torch.zeros(1, 16), torch.zeros(1, 26, 16)) is None:
+        pytest.skip("no compiled kernels")
+    g = torch.Generator().manual_seed(3)
+    x, e = torch.randn(300, 16, generator=g), torch.randn(300, 26, 16, generator=g)
+    up = torch.randn(300, 16 + 351, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xx, ee = x.clone().requires_grad_(), e.clone().requires_grad_()
+            out = DotInteraction(27)(xx, ee)
+            out.backward(up)
+            results.append((out.detach(), xx.grad, ee.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_reference_initialisation_statistics():

@@ -109,11 +109,12 @@ class FP32Cache(nn.Module):
         self.policy = config.cache.policy
         S, D, G, T = self.layout.slots, config.dim, len(self.layout.groups), config.num_tables
         lfu_rows = config.total_rows if self.policy is CachePolicy.LFU else 0
-        # The state (persistent: a resumed run continues exactly).
-        self.register_buffer("weights", torch.zeros(S, D, dtype=torch.float32))
-        self.register_buffer("tags", torch.full((S,), -1, dtype=torch.int64))
-        self.register_buffer("times", torch.zeros(S, dtype=torch.int64))
-        self.register_buffer("lfu_counts", torch.zeros(lfu_rows, dtype=torch.int32))
+        # The state (persistent: a resumed run continues exactly). The large arrays are
+        # read at random every step: huge pages where the OS allows (quant.empty_storage).
+        self.register_buffer("weights", quant.full_huge((S, D), 0.0, torch.float32))
+        self.register_buffer("tags", quant.full_huge((S,), -1, torch.int64))
+        self.register_buffer("times", quant.full_huge((S,), 0, torch.int64))
+        self.register_buffer("lfu_counts", quant.full_huge((lfu_rows,), 0, torch.int32))
         self.register_buffer("clocks", torch.zeros(G, dtype=torch.int64))
         self.register_buffer("counters", torch.zeros(T, len(COUNTER_NAMES), dtype=torch.int64))
         self.register_buffer("traffic", torch.zeros(len(TRAFFIC_FIELDS), dtype=torch.int64))
@@ -124,12 +125,12 @@ class FP32Cache(nn.Module):
         geometry = torch.tensor(kl.geometry, dtype=torch.int64).reshape(-1, len(GEOMETRY_FIELDS))
         self.register_buffer("geometry", geometry, persistent=False)
         self.register_buffer("table_starts", table_offsets(config.cardinalities), persistent=False)
-        self.register_buffer("order", torch.full((kl.ordered_slots, 2), -1, dtype=torch.int32), persistent=False)
+        self.register_buffer("order", quant.full_huge((kl.ordered_slots, 2), -1, torch.int32), persistent=False)
         self.register_buffer("set_state", set_state, persistent=False)
-        self.register_buffer("index", torch.full((kl.index_entries,), -1, dtype=torch.int32), persistent=False)
-        self.register_buffer("slot_counts", torch.zeros(S if lfu_rows else 0, dtype=torch.int32), persistent=False)
+        self.register_buffer("index", quant.full_huge((kl.index_entries,), -1, torch.int32), persistent=False)
+        self.register_buffer("slot_counts", quant.full_huge((S if lfu_rows else 0,), 0, torch.int32), persistent=False)
         # LRU scan sets' fingerprints and recency lists (kernels/cache_policy.h): all empty
-        self.register_buffer("header", torch.full((kl.header_bytes,), 0xFF, dtype=torch.uint8), persistent=False)
+        self.register_buffer("header", quant.full_huge((kl.header_bytes,), 0xFF, torch.uint8), persistent=False)
         self._derived_valid = True
         self._derived_device = self.tags.device
         self.register_load_state_dict_post_hook(lambda module, _keys: module._invalidate())

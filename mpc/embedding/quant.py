@@ -85,6 +85,13 @@ def empty_storage(precision: Precision, rows: int, dim: int, device="cpu") -> to
     return out
 
 
+def full_huge(shape, value, dtype: torch.dtype) -> torch.Tensor:
+    """torch.full on the CPU, in huge pages where the OS allows (see empty_storage)."""
+    out = torch.empty(shape, dtype=dtype)
+    advise_huge_pages(out)
+    return out.fill_(value)
+
+
 _HUGE = 2 << 20
 
 
