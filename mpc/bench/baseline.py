@@ -1,8 +1,12 @@
 """The baseline a user would write instead: 26 `nn.EmbeddingBag(sparse=True)` + torch SGD.
 
 This is how the DLRM reference builds its tables (one EmbeddingBag per table, sparse
-gradients, torch.optim.SGD over all parameters). Benchmarks measure mpc against it in
-the same run, on the same model, batches and initial weights.
+gradients, torch.optim.SGD over all parameters), with the dot interaction in torch ops
+(mpc.model's `_PairDots`: bmm + gather, already cheaper in backward than the
+reference's indexing). Benchmarks measure mpc against it in the same run, on the same
+model (same layers, same function), batches and initial weights. `mpc_interaction=True`
+gives the baseline mpc's interaction kernel too, to split mpc's gain between the
+embedding and the interaction.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ class EmbeddingBagList(nn.Module):
         return torch.stack(out, dim=1)  # (B, T, D)
 
 
-def baseline_dlrm(config: DLRMConfig, flat_weights: torch.Tensor | None = None) -> DLRM:
+def baseline_dlrm(config: DLRMConfig, flat_weights: torch.Tensor | None = None,
+                  mpc_interaction: bool = False) -> DLRM:
     """DLRM with the baseline tables (initialised from `flat_weights` when given)."""
     emb = EmbeddingBagList(config.embedding.cardinalities, config.embedding.dim, flat_weights)
-    return DLRM(config, embedding=emb)
+    model = DLRM(config, embedding=emb)
+    model.interaction.use_kernels = mpc_interaction
+    return model
 
 
 def baseline_optimizer(model: DLRM, lr: float) -> torch.optim.Optimizer:

@@ -3,8 +3,10 @@
 Same model, same initial weights (the FP32 tables of every configuration are the same
 reference initialisation), same batches: Zipf ids over full Kaggle-size tables by
 default. The baseline is 26 `nn.EmbeddingBag(sparse=True)` + `torch.optim.SGD` over all
-parameters (mpc.bench.baseline); mpc's configurations are fused table-batched backends
-(`--configs fp32 int8+5%lru ...`, specs as in mpc.experiments.setup). Every round uses
+parameters, the interaction in torch ops (mpc.bench.baseline); a second baseline with
+mpc's interaction kernel shows how much of the gain is the embedding's. mpc's
+configurations are fused table-batched backends (`--configs fp32 int8+5%lru ...`, specs
+as in mpc.experiments.setup). Every round uses
 fresh batches (a cache must not be timed on ids it has already seen), rounds are
 interleaved across configurations (their order rotating; each round starts with a few
 untimed steps that bring its contender's hot data back into the CPU caches), and the
@@ -41,8 +43,15 @@ def bench_cardinalities(text: str) -> tuple[int, ...]:
     return tuple(max(1, round(c * scale)) for c in KAGGLE_CARDINALITIES)
 
 
-def build_contenders(cards, specs, seed: int, lr: float):
-    """name -> (model, optimizer); 'baseline' first, all from the same initial weights."""
+SPLIT_BASELINE = "baseline, mpc interaction"
+
+
+def build_contenders(cards, specs, seed: int, lr: float, split: bool = True):
+    """name -> (model, optimizer); 'baseline' first, all from the same initial weights.
+
+    With `split`, also the baseline with mpc's interaction kernel (SPLIT_BASELINE): its
+    ratio to 'baseline' is the interaction's share of mpc's gain, the rest the embedding's.
+    """
     models = {}
     for spec in ["fp32"] + [s for s in specs if s != "fp32"]:
         emb = parse_config(spec, cardinalities=cards, seed=seed)
@@ -50,10 +59,15 @@ def build_contenders(cards, specs, seed: int, lr: float):
         model.embedding.set_learning_rate(lr)
         models[f"mpc {config_label(emb)}"] = (model, torch.optim.SGD(model.dense_parameters(), lr=lr))
     fp32 = models["mpc fp32"][0]
-    base = baseline_dlrm(fp32.config, fp32.embedding.to_float())
-    base.load_state_dict({k: v for k, v in fp32.state_dict().items() if not k.startswith("embedding.")},
-                         strict=False)
-    return {"baseline": (base, baseline_optimizer(base, lr)), **models}
+    baselines = {}
+    for name, mpc_interaction in (("baseline", False), (SPLIT_BASELINE, True)):
+        if mpc_interaction and not split:
+            continue
+        base = baseline_dlrm(fp32.config, fp32.embedding.to_float(), mpc_interaction=mpc_interaction)
+        base.load_state_dict({k: v for k, v in fp32.state_dict().items() if not k.startswith("embedding.")},
+                             strict=False)
+        baselines[name] = (base, baseline_optimizer(base, lr))
+    return {**baselines, **models}
 
 
 def warm_caches(contenders, cards, batch_size: int, iterations: int, rng, zipf: float) -> dict:
