@@ -154,3 +154,29 @@ def test_out_of_range_ids_are_refused():
     idx[1] = 5
     with pytest.raises(ValueError, match=r"id 5 out of range for table 1 \(C2, 5 rows\)"):
         check_indices(idx, off, CARDS)
+
+
+def test_train_benchmark_times_both_baselines_on_the_same_weights(tmp_path, capsys):
+    import json
+
+    from mpc.bench.train import SPLIT_BASELINE, build_contenders
+    from mpc.cli import main
+
+    cards = (5, 40, 300)
+    contenders = build_contenders(cards, ["int8"], seed=0, lr=0.1)
+    assert list(contenders)[:2] == ["baseline", SPLIT_BASELINE]
+    plain, split = contenders["baseline"][0], contenders[SPLIT_BASELINE][0]
+    assert not plain.interaction.use_kernels and split.interaction.use_kernels
+    g = torch.Generator().manual_seed(0)
+    dense, cat = torch.randn(16, 13, generator=g), torch.randint(0, 5, (16, 3), generator=g)
+    with torch.no_grad():
+        outs = [m.forward_onehot(dense, cat) for m, _ in contenders.values()]
+    for out in outs[1:3]:  # both baselines and mpc fp32: the same function of the same weights
+        assert torch.allclose(outs[0], out, atol=1e-5)
+    assert main(["bench", "train", "--cardinalities", "0.0002", "--batch-sizes", "8", "--steps", "1",
+                 "--repeats", "1", "--settle-steps", "0", "--cache-warmup", "0", "--threads", "1",
+                 "--record-name", str(tmp_path / "train")]) == 0
+    rec = json.loads((tmp_path / "train.json").read_text())
+    ratios = rec["results"]["8"]["ratio_vs_baseline"]
+    assert set(ratios) == {"baseline", SPLIT_BASELINE, "mpc fp32"} and ratios["baseline"] == 1.0
+    assert "vs baseline" in capsys.readouterr().out
