@@ -59,8 +59,16 @@ def trained():
 
 
 def _eager(model, dense, cat):
-    with torch.no_grad():
-        return model.forward_onehot(dense, cat)
+    """The training model's logits, its interaction in torch ops (bmm, as the inference
+    module computes it; the compiled interaction differs in the last bits and is
+    compared with those ops in tests/test_model.py)."""
+    use = model.interaction.use_kernels
+    model.interaction.use_kernels = False
+    try:
+        with torch.no_grad():
+            return model.forward_onehot(dense, cat)
+    finally:
+        model.interaction.use_kernels = use
 
 
 # --- the inference module ------------------------------------------------------------
