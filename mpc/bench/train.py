@@ -60,10 +60,8 @@ def build_contenders(cards, specs, seed: int, lr: float, split: bool = True):
         models[f"mpc {config_label(emb)}"] = (model, torch.optim.SGD(model.dense_parameters(), lr=lr))
     fp32 = models["mpc fp32"][0]
     baselines = {}
-    for name, mpc_interaction in (("baseline", False), (SPLIT_BASELINE, True)):
-        if mpc_interaction and not split:
-            continue
-        base = baseline_dlrm(fp32.config, fp32.embedding.to_float(), mpc_interaction=mpc_interaction)
+    for name in ["baseline", SPLIT_BASELINE] if split else ["baseline"]:
+        base = baseline_dlrm(fp32.config, fp32.embedding.to_float(), mpc_interaction=name == SPLIT_BASELINE)
         base.load_state_dict({k: v for k, v in fp32.state_dict().items() if not k.startswith("embedding.")},
                              strict=False)
         baselines[name] = (base, baseline_optimizer(base, lr))

@@ -79,7 +79,12 @@ def empty_storage(precision: Precision, rows: int, dim: int, device="cpu") -> to
     for transparent huge pages before the memory is first written makes them 2 MiB.
     """
     precision = Precision(precision)
-    out = torch.empty(storage_shape(precision, rows, dim), dtype=STORAGE_DTYPE[precision], device=device)
+    return empty_huge(storage_shape(precision, rows, dim), STORAGE_DTYPE[precision], device)
+
+
+def empty_huge(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """torch.empty, asked for huge pages (CPU) before anything writes it."""
+    out = torch.empty(shape, dtype=dtype, device=device)
     if out.device.type == "cpu":
         advise_huge_pages(out)
     return out
@@ -87,9 +92,7 @@ def empty_storage(precision: Precision, rows: int, dim: int, device="cpu") -> to
 
 def full_huge(shape, value, dtype: torch.dtype) -> torch.Tensor:
     """torch.full on the CPU, in huge pages where the OS allows (see empty_storage)."""
-    out = torch.empty(shape, dtype=dtype)
-    advise_huge_pages(out)
-    return out.fill_(value)
+    return empty_huge(shape, dtype).fill_(value)
 
 
 _HUGE = 2 << 20
