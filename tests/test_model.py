@@ -173,10 +173,24 @@ def test_train_benchmark_times_both_baselines_on_the_same_weights(tmp_path, caps
         outs = [m.forward_onehot(dense, cat) for m, _ in contenders.values()]
     for out in outs[1:3]:  # both baselines and mpc fp32: the same function of the same weights
         assert torch.allclose(outs[0], out, atol=1e-5)
-    assert main(["bench", "train", "--cardinalities", "0.0002", "--batch-sizes", "8", "--steps", "1",
-                 "--repeats", "1", "--settle-steps", "0", "--cache-warmup", "0", "--threads", "1",
+    assert main(["bench", "train", "--cardinalities", "0.0002", "--batch-sizes", "8", "4", "--steps", "1",
+                 "--repeats", "3", "1", "--settle-steps", "0", "--cache-warmup", "0", "--threads", "1",
                  "--record-name", str(tmp_path / "train")]) == 0
     rec = json.loads((tmp_path / "train.json").read_text())
     ratios = rec["results"]["8"]["ratio_vs_baseline"]
     assert set(ratios) == {"baseline", SPLIT_BASELINE, "mpc fp32"} and ratios["baseline"] == 1.0
+    # one round count per batch size
+    assert [len(rec["results"][b]["seconds_per_round"]["mpc fp32"]) for b in ("8", "4")] == [3, 1]
+    assert [rec["results"][b]["rounds"] for b in ("8", "4")] == [3, 1]
     assert "vs baseline" in capsys.readouterr().out
+
+
+def test_train_benchmark_round_counts():
+    from mpc.bench.train import repeats_per_batch
+    from mpc.errors import UserError
+
+    assert repeats_per_batch([128, 2048], 5) == [5, 5]
+    assert repeats_per_batch([128, 2048], [7]) == [7, 7]
+    assert repeats_per_batch([128, 2048], [61, 21]) == [61, 21]
+    with pytest.raises(UserError, match="one count or one per batch size"):
+        repeats_per_batch([128, 2048, 4096], [61, 21])

@@ -93,20 +93,33 @@ def warm_caches(contenders, cards, batch_size: int, iterations: int, rng, zipf: 
     return hit_rates
 
 
-def time_training(cards, specs, batch_sizes, steps: int, repeats: int, seed: int = 0, lr: float = 0.1,
+def repeats_per_batch(batch_sizes, repeats) -> list[int]:
+    """One round count per batch size: `repeats` is an int, or one count per batch size
+    (a small batch's rounds are short, so it can afford more of them), or one for all."""
+    counts = [repeats] if isinstance(repeats, int) else list(repeats)
+    if len(counts) == 1:
+        counts = counts * len(batch_sizes)
+    if len(counts) != len(batch_sizes):
+        raise UserError(f"--repeats takes one count or one per batch size ({len(batch_sizes)}), got {len(counts)}")
+    return counts
+
+
+def time_training(cards, specs, batch_sizes, steps: int, repeats, seed: int = 0, lr: float = 0.1,
                   zipf: float = 1.05, warmup_steps: int | None = None, cache_warmup: int = 0,
                   settle_steps: int = 5) -> dict:
     """Samples/s of every contender per batch size, with ratios (see the module doc).
 
+    `repeats`: timed rounds, an int or one per batch size (repeats_per_batch).
     `cache_warmup` embedding-only iterations (at the largest batch size) bring the caches
     to their steady state first (see warm_caches).
     """
+    round_counts = repeats_per_batch(batch_sizes, repeats)
     contenders = build_contenders(cards, specs, seed, lr)
     rng = np.random.default_rng(seed)
     warm_batch = max(batch_sizes) if batch_sizes else 0
     warm_hit_rate = warm_caches(contenders, cards, warm_batch, cache_warmup, rng, zipf) if batch_sizes else {}
     out = {}
-    for bs in batch_sizes:
+    for bs, repeats in zip(batch_sizes, round_counts):
         warm = warmup_steps if warmup_steps is not None else steps
 
         def fresh(n):
@@ -145,6 +158,7 @@ def time_training(cards, specs, batch_sizes, steps: int, repeats: int, seed: int
         out[str(bs)] = {"samples_per_second": sps, "seconds_per_round": times,
                         "ratio_vs_baseline": {n: paired_ratio(times, "baseline", n) for n in sps},
                         "ratio_vs_mpc_fp32": {n: paired_ratio(times, "mpc fp32", n) for n in sps},
+                        "rounds": repeats, "steps_per_round": steps,
                         "hit_rate": {n: s.get("hit_rate") for n, s in stats.items() if s.get("hit_rate") is not None},
                         "cache_warmup": {"iterations": cache_warmup, "batch_size": warm_batch,
                                          "final_hit_rate": warm_hit_rate}}
@@ -178,9 +192,10 @@ def register_bench(sub) -> None:
                    help="mpc embedding configurations, e.g. fp32 int8 int8+5%%lru (fp32 always included)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[128, 2048])
     p.add_argument("--steps", type=positive_int, default=10, help="steps per timed round")
-    p.add_argument("--repeats", type=positive_int, default=21,
-                   help="timed rounds (median); many short rounds keep a pair's two rounds close in time, "
-                        "so a noisy neighbour's burst spoils few pairs")
+    p.add_argument("--repeats", type=positive_int, nargs="+", default=[61, 21],
+                   help="timed rounds (median), one count per batch size or one for all; many short rounds "
+                        "keep a pair's two rounds close in time, so a noisy neighbour's burst spoils few pairs "
+                        "(batch 128's rounds are ~16x shorter than batch 2048's: it gets more)")
     p.add_argument("--cardinalities", default="kaggle",
                    help="'kaggle' (full size) or a scale factor such as 0.01")
     p.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids")
