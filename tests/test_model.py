@@ -182,6 +182,8 @@ def test_train_benchmark_times_both_baselines_on_the_same_weights(tmp_path, caps
     # one round count per batch size
     assert [len(rec["results"][b]["seconds_per_round"]["mpc fp32"]) for b in ("8", "4")] == [3, 1]
     assert [rec["results"][b]["rounds"] for b in ("8", "4")] == [3, 1]
+    q25, q75 = rec["results"]["8"]["ratio_vs_baseline_quartiles"]["mpc fp32"]
+    assert q25 <= ratios["mpc fp32"] <= q75
     assert "vs baseline" in capsys.readouterr().out
 
 

@@ -74,6 +74,15 @@ def paired_ratio(times: dict[str, list[float]], baseline: str, name: str) -> flo
     return statistics.median(b / t for b, t in zip(times[baseline], times[name]))
 
 
+def paired_ratio_quartiles(times: dict[str, list[float]], baseline: str, name: str) -> list[float]:
+    """[25th, 75th] percentiles of the per-round ratios of paired_ratio: their spread."""
+    ratios = [b / t for b, t in zip(times[baseline], times[name])]
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]] if ratios else []
+    q = statistics.quantiles(ratios, n=4)
+    return [q[0], q[2]]
+
+
 def median(xs) -> float:
     return statistics.median(xs)
 

@@ -22,7 +22,7 @@ import torch
 
 from mpc.bench import record
 from mpc.bench.baseline import baseline_dlrm, baseline_optimizer
-from mpc.bench.common import median, paired_ratio, print_table, random_batch, time_rounds
+from mpc.bench.common import median, paired_ratio, paired_ratio_quartiles, print_table, random_batch, time_rounds
 from mpc.criteo import KAGGLE_CARDINALITIES
 from mpc.embedding import jagged_from_dense
 from mpc.errors import UserError
@@ -158,6 +158,11 @@ def time_training(cards, specs, batch_sizes, steps: int, repeats, seed: int = 0,
         out[str(bs)] = {"samples_per_second": sps, "seconds_per_round": times,
                         "ratio_vs_baseline": {n: paired_ratio(times, "baseline", n) for n in sps},
                         "ratio_vs_mpc_fp32": {n: paired_ratio(times, "mpc fp32", n) for n in sps},
+                        # the spread of the per-round ratios (a shared machine's noise)
+                        "ratio_vs_baseline_quartiles": {n: paired_ratio_quartiles(times, "baseline", n)
+                                                        for n in sps},
+                        "ratio_vs_mpc_fp32_quartiles": {n: paired_ratio_quartiles(times, "mpc fp32", n)
+                                                        for n in sps},
                         "rounds": repeats, "steps_per_round": steps,
                         "hit_rate": {n: s.get("hit_rate") for n, s in stats.items() if s.get("hit_rate") is not None},
                         "cache_warmup": {"iterations": cache_warmup, "batch_size": warm_batch,
@@ -173,10 +178,12 @@ def run_bench(args) -> dict:
     rows = []
     for bs, r in results.items():
         for name, sps in r["samples_per_second"].items():
+            q = r["ratio_vs_baseline_quartiles"][name]
             rows.append({"batch": int(bs), "config": name, "samples/s": sps,
                          "ms/step": 1e3 * int(bs) / sps, "vs baseline": r["ratio_vs_baseline"][name],
+                         "rounds q25-q75": f"{q[0]:.2f}-{q[1]:.2f}" if name != "baseline" else "",
                          "vs mpc fp32": None if name == "baseline" else r["ratio_vs_mpc_fp32"][name]})
-    print_table(rows, ["batch", "config", "samples/s", "ms/step", "vs baseline", "vs mpc fp32"])
+    print_table(rows, ["batch", "config", "samples/s", "ms/step", "vs baseline", "rounds q25-q75", "vs mpc fp32"])
     from mpc import kernels
 
     params = {k: v for k, v in vars(args).items() if k != "func"}
