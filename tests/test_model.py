@@ -191,6 +191,8 @@ def test_train_benchmark_round_counts():
     from mpc.bench.train import repeats_per_batch
     from mpc.errors import UserError
 
+    assert repeats_per_batch([128, 2048]) == [61, 21]  # the default, for any batch sizes
+    assert repeats_per_batch([4096, 1024, 512]) == [21, 42, 61]
     assert repeats_per_batch([128, 2048], 5) == [5, 5]
     assert repeats_per_batch([128, 2048], [7]) == [7, 7]
     assert repeats_per_batch([128, 2048], [61, 21]) == [61, 21]

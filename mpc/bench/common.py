@@ -71,12 +71,17 @@ def paired_ratio(times: dict[str, list[float]], baseline: str, name: str) -> flo
     A slow patch on a shared machine slows both members of a round's pair, so the ratio
     of the pair moves much less than either median does.
     """
-    return statistics.median(b / t for b, t in zip(times[baseline], times[name]))
+    return statistics.median(round_ratios(times, baseline, name))
+
+
+def round_ratios(times: dict[str, list[float]], baseline: str, name: str) -> list[float]:
+    """Baseline time / contender time of each round."""
+    return [b / t for b, t in zip(times[baseline], times[name])]
 
 
 def paired_ratio_quartiles(times: dict[str, list[float]], baseline: str, name: str) -> list[float]:
     """[25th, 75th] percentiles of the per-round ratios of paired_ratio: their spread."""
-    ratios = [b / t for b, t in zip(times[baseline], times[name])]
+    ratios = round_ratios(times, baseline, name)
     if len(ratios) < 2:
         return [ratios[0], ratios[0]] if ratios else []
     q = statistics.quantiles(ratios, n=4)

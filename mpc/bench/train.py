@@ -93,9 +93,17 @@ def warm_caches(contenders, cards, batch_size: int, iterations: int, rng, zipf: 
     return hit_rates
 
 
-def repeats_per_batch(batch_sizes, repeats) -> list[int]:
-    """One round count per batch size: `repeats` is an int, or one count per batch size
-    (a small batch's rounds are short, so it can afford more of them), or one for all."""
+def default_rounds(batch_size: int) -> int:
+    """21 rounds at batch 2048; more for smaller batches, whose rounds are shorter (the
+    same timed work, up to 61 rounds: 61 at batch 128)."""
+    return min(61, max(21, 21 * 2048 // batch_size))
+
+
+def repeats_per_batch(batch_sizes, repeats=None) -> list[int]:
+    """One round count per batch size: `repeats` is None (default_rounds), an int, one
+    count per batch size, or one count for all."""
+    if repeats is None:
+        return [default_rounds(bs) for bs in batch_sizes]
     counts = [repeats] if isinstance(repeats, int) else list(repeats)
     if len(counts) == 1:
         counts = counts * len(batch_sizes)
@@ -109,7 +117,7 @@ def time_training(cards, specs, batch_sizes, steps: int, repeats, seed: int = 0,
                   settle_steps: int = 5) -> dict:
     """Samples/s of every contender per batch size, with ratios (see the module doc).
 
-    `repeats`: timed rounds, an int or one per batch size (repeats_per_batch).
+    `repeats`: timed rounds: None (the default counts), an int, or one per batch size (repeats_per_batch).
     `cache_warmup` embedding-only iterations (at the largest batch size) bring the caches
     to their steady state first (see warm_caches).
     """
@@ -199,10 +207,10 @@ def register_bench(sub) -> None:
                    help="mpc embedding configurations, e.g. fp32 int8 int8+5%%lru (fp32 always included)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[128, 2048])
     p.add_argument("--steps", type=positive_int, default=10, help="steps per timed round")
-    p.add_argument("--repeats", type=positive_int, nargs="+", default=[61, 21],
-                   help="timed rounds (median), one count per batch size or one for all; many short rounds "
-                        "keep a pair's two rounds close in time, so a noisy neighbour's burst spoils few pairs "
-                        "(batch 128's rounds are ~16x shorter than batch 2048's: it gets more)")
+    p.add_argument("--repeats", type=positive_int, nargs="+", default=None,
+                   help="timed rounds (median), one count per batch size or one for all; default 21 at "
+                        "batch 2048 and more for smaller batches, up to 61 (61 at 128). Many short rounds "
+                        "keep a pair's two rounds close in time, so a noisy neighbour's burst spoils few pairs")
     p.add_argument("--cardinalities", default="kaggle",
                    help="'kaggle' (full size) or a scale factor such as 0.01")
     p.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids")
