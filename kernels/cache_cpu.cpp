@@ -150,28 +150,65 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
   loc.table.resize(n);
   loc.group.resize(n);
   std::vector<uint8_t> shard(by_shard ? n : 0);
+  if (by_shard) {
+    loc.order.resize(n);
+    loc.seq.resize(n);
+  }
+  // by_shard: a stable counting sort of the positions by shard, in parallel: each
+  // thread counts the shards of its own range of positions, then places them after the
+  // same shard's positions of the threads before it (so each shard stays in batch order).
+  const int nt = omp_get_max_threads();
+  std::vector<int64_t> hist(by_shard ? (size_t)nt * kShards : 0, 0);
   int64_t first_bad = n, first_stray = n;
-#pragma omp parallel reduction(min : first_bad, first_stray)
-  for (int64_t t = 0; t < T; ++t) {
-    if (tb[t] == tb[t + 1]) continue;
-    const int64_t g = group_of(b, G, tb[t]), rows = toff[t + 1] - toff[t];
-    const int64_t* r = geo + g * kGeomFields;
+#pragma omp parallel num_threads(nt) reduction(min : first_bad, first_stray)
+  {
+    for (int64_t t = 0; t < T; ++t) {
+      if (tb[t] == tb[t + 1]) continue;
+      const int64_t g = group_of(b, G, tb[t]), rows = toff[t + 1] - toff[t];
+      const int64_t* r = geo + g * kGeomFields;
 #pragma omp for schedule(static) nowait
-    for (int64_t i = tb[t]; i < tb[t + 1]; ++i) {
-      const int64_t id = ids[i], row = toff[t] + id;
-      if (id < 0 || id >= rows) {
-        first_bad = std::min(first_bad, i);
-        continue;
+      for (int64_t i = tb[t]; i < tb[t + 1]; ++i) {
+        const int64_t id = ids[i], row = toff[t] + id;
+        if (id < 0 || id >= rows) {
+          first_bad = std::min(first_bad, i);
+          continue;
+        }
+        if (i >= b[g + 1] || row < r[kFirstRow] || row >= r[kFirstRow] + r[kRows]) {  // bounds disagree
+          first_stray = std::min(first_stray, i);
+          continue;
+        }
+        loc.row[i] = row;
+        loc.table[i] = (int32_t)t;
+        loc.group[i] = (int32_t)g;
+        loc.set[i] = mix32((uint32_t)row) % (uint32_t)r[kNSets];  // nsets < 2^32 (checked)
+        if (by_shard) shard[i] = (uint8_t)shard_of(r[kSetOffset] + loc.set[i]);
       }
-      if (i >= b[g + 1] || row < r[kFirstRow] || row >= r[kFirstRow] + r[kRows]) {  // bounds disagree
-        first_stray = std::min(first_stray, i);
-        continue;
+    }
+    if (by_shard) {  // (a bad id's shard stays 0: it is placed, then the call raises)
+      const int tid = omp_get_thread_num(), used = omp_get_num_threads();
+      const int64_t lo = n * tid / used, hi = n * (tid + 1) / used;
+#pragma omp barrier
+      int64_t* mine = hist.data() + (size_t)tid * kShards;
+      for (int64_t i = lo; i < hi; ++i) ++mine[shard[i]];
+#pragma omp barrier
+#pragma omp single
+      {
+        int64_t next = 0;
+        for (int64_t s = 0; s < kShards; ++s) {
+          loc.shard_start[s] = next;
+          for (int u = 0; u < used; ++u) {
+            const int64_t c = hist[(size_t)u * kShards + s];
+            hist[(size_t)u * kShards + s] = next;  // thread u's first place in shard s
+            next += c;
+          }
+        }
+        loc.shard_start[kShards] = next;
       }
-      loc.row[i] = row;
-      loc.table[i] = (int32_t)t;
-      loc.group[i] = (int32_t)g;
-      loc.set[i] = mix32((uint32_t)row) % (uint32_t)r[kNSets];  // nsets < 2^32 (checked)
-      if (by_shard) shard[i] = (uint8_t)shard_of(r[kSetOffset] + loc.set[i]);
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t k = mine[shard[i]]++;
+        loc.order[k] = (int32_t)i;
+        loc.seq[k] = Access{loc.row[i], loc.set[i], loc.group[i], loc.table[i]};
+      }
     }
   }
   if (first_bad < n) {
@@ -179,20 +216,6 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
     TORCH_CHECK(false, "id ", ids[first_bad], " out of range for table ", t, " (", toff[t + 1] - toff[t], " rows)");
   }
   TORCH_CHECK(first_stray == n, "cache: id at position ", first_stray, " is outside the rows of its cache group");
-  if (by_shard) {  // a stable counting sort of the positions by shard
-    std::fill(loc.shard_start, loc.shard_start + kShards + 1, 0);
-    for (int64_t i = 0; i < n; ++i) ++loc.shard_start[shard[i] + 1];
-    for (int64_t s = 0; s < kShards; ++s) loc.shard_start[s + 1] += loc.shard_start[s];
-    int64_t next[kShards];
-    std::copy(loc.shard_start, loc.shard_start + kShards, next);
-    loc.order.resize(n);
-    loc.seq.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t k = next[shard[i]]++;
-      loc.order[k] = (int32_t)i;
-      loc.seq[k] = Access{loc.row[i], loc.set[i], loc.group[i], loc.table[i]};
-    }
-  }
   return loc;
 }
 
@@ -265,7 +288,21 @@ struct Walk {
   const RowData& rd;
   const int64_t *geo, *bnd, *toff, *clk;
   int64_t n, G, T;
+  const uint8_t* far;  // per group: its policy state is too large to stay in the CPU caches
 };
+
+// A group whose tags, times and header fit in this many bytes stays in the CPU caches
+// (its sets are hit again and again): asking for its lines ahead only costs time.
+constexpr int64_t kNearBytes = 256 << 10;
+
+std::vector<uint8_t> far_groups(const int64_t* geo, int64_t G) {
+  std::vector<uint8_t> far(G);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t* r = geo + g * kGeomFields;
+    far[g] = r[kWays] * r[kNSets] * 18 > kNearBytes;  // 8 + 8 bytes of tag and time, 2 of header
+  }
+  return far;
+}
 
 // Distinct rows among `rows` (a shard's uncached rows; few): an open-addressing set.
 int64_t count_distinct(const std::vector<int64_t>& rows, std::vector<int64_t>& table) {
@@ -296,12 +333,12 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
   acc.events.clear();
   acc.rejected.clear();
   for (int64_t k = lo; k < hi; ++k) {
-    if (k + kPrefetchHeader < hi) {
+    if (k + kPrefetchHeader < hi && w.far[seq[k + kPrefetchHeader].group]) {
       const Access& aj = seq[k + kPrefetchHeader];
       const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
       if (sj.fp) prefetch_set(sj, nullptr, aj.row);
     }
-    if (k + kPrefetchAhead < hi) {
+    if (k + kPrefetchAhead < hi && w.far[seq[k + kPrefetchAhead].group]) {
       const Access& aj = seq[k + kPrefetchAhead];
       const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
       if (sj.fp) prefetch_way(sj, aj.row);
@@ -335,24 +372,32 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
     for (size_t e = 0; e < ne; ++e) {
       if (e + kAhead < ne) {
         const int64_t k = acc.events[e + kAhead];
-        __builtin_prefetch(rd.cache + out.slot[k] * rd.dim, 1, 3);
-        __builtin_prefetch(rd.storage + seq[k].row * rd.rb, 0, 3);
-        if (out.evicted[k] >= 0) __builtin_prefetch(rd.storage + out.evicted[k] * rd.rb, 1, 3);
+        using mpc_rowformat::prefetch_row;
+        prefetch_row<true>(rd.cache + out.slot[k] * rd.dim, rd.dim * 4);
+        prefetch_row(rd.storage + seq[k].row * rd.rb, rd.rb);
+        if (out.evicted[k] >= 0) prefetch_row<true>(rd.storage + out.evicted[k] * rd.rb, rd.rb);
       }
       const int64_t k = acc.events[e];
       rd.move(out.slot[k], out.evicted[k], seq[k].row);
     }
   }
-  // A row rejected early may be admitted by a later access (LFU counts grow): every id
-  // uses its row's final slot. Only this shard touches these sets.
+  // Under LFU a row rejected early may be admitted by a later access (counts grow):
+  // every id uses its row's final slot. Only this shard touches these sets. Under LRU a
+  // rejection means the set's least recent way was used in this call, so all its ways
+  // were, and stay so: the set rejects every later miss and the row stays uncached.
   std::vector<int64_t>& uncached = acc.uncached_rows;
   uncached.clear();
   for (int32_t k : acc.rejected) {
     const Access& ak = seq[k];
-    const int64_t* g = w.geo + ak.group * kGeomFields;
-    int32_t way = find(set_ref(w.a, g, ak.set), ak.row);
-    if (way >= 0) out.slot[k] = g[kSlotOffset] + ak.set * g[kWays] + way;
-    else uncached.push_back(ak.row);
+    if (Policy == kLFU) {
+      const int64_t* g = w.geo + ak.group * kGeomFields;
+      int32_t way = find(set_ref(w.a, g, ak.set), ak.row);
+      if (way >= 0) {
+        out.slot[k] = g[kSlotOffset] + ak.set * g[kWays] + way;
+        continue;
+      }
+    }
+    uncached.push_back(ak.row);
   }
   acc.uncached += count_distinct(uncached, acc.distinct);  // a row lives in one shard
 }
@@ -369,8 +414,8 @@ torch::Tensor to_tensor(const std::vector<int64_t>& v) {
 // tags/times/counts/clocks/counters and the derived structures in place and, when
 // rowdata = [storage, cache_weights], moves the rows of each event. Returns [slots (n):
 // each id's row's slot after the walk, or -1; writeback_slots, writeback_rows,
-// fill_slots, fill_rows (access order); stats (2): distinct cached rows accessed,
-// distinct rows left uncached].
+// fill_slots, fill_rows (access order; empty when the rows were moved here); stats (2):
+// distinct cached rows accessed, distinct rows left uncached].
 std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor table_bounds, torch::Tensor bounds,
                                          torch::Tensor geometry, torch::Tensor table_offsets, int64_t policy,
                                          std::vector<torch::Tensor> state, std::vector<torch::Tensor> derived,
@@ -389,16 +434,19 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
   RowData rd = row_data(rowdata, precision, stochastic, step_key, purpose, state[0].numel(),
                         table_offsets.data_ptr<int64_t>()[T]);
   int64_t* clk = clocks.data_ptr<int64_t>();
+  const std::vector<uint8_t> far = far_groups(geometry.data_ptr<int64_t>(), G);
   Walk w{loc, a, rd, geometry.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(), table_offsets.data_ptr<int64_t>(),
-         clk, n, G, T};
+         clk, n, G, T, far.data()};
   Outcomes out;
   out.slot.resize(n);
   out.evicted.resize(n);
   out.filled.resize(n);
   auto slots = torch::empty({n}, torch::kInt64);
   int64_t* slot = slots.data_ptr<int64_t>();
-  std::vector<int64_t> evicted(n);
-  std::vector<uint8_t> filled(n);
+  // The events are returned for the caller to move the rows; moved here, they are not.
+  const bool events = !rd.storage;
+  std::vector<int64_t> evicted(events ? n : 0);
+  std::vector<uint8_t> filled(events ? n : 0);
   const int nt = omp_get_max_threads();
   std::vector<ThreadTotals> totals(nt);
   int used = 1;
@@ -414,13 +462,18 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
       if (policy == kLRU) walk_shard<kLRU>(w, s, out, acc);
       else walk_shard<kLFU>(w, s, out, acc);
     }
-    // back to batch order (each position written once)
+    // back to batch order (each position written once); the events only if returned
+    if (events) {
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t i = loc.order[k];
-      slot[i] = out.slot[k];
-      evicted[i] = out.evicted[k];
-      filled[i] = out.filled[k];
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t i = loc.order[k];
+        slot[i] = out.slot[k];
+        evicted[i] = out.evicted[k];
+        filled[i] = out.filled[k];
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < n; ++k) slot[loc.order[k]] = out.slot[k];
     }
   }
   int64_t* cnt = counters.data_ptr<int64_t>();
@@ -433,7 +486,7 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
   for (int64_t g = 0; g < G; ++g) clk[g] += w.bnd[g + 1] - w.bnd[g];
   // the events in access order
   std::vector<int64_t> wb_slots, wb_rows, fill_slots, fill_rows;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < (events ? n : 0); ++i) {
     if (evicted[i] >= 0) {
       wb_slots.push_back(slot[i]);
       wb_rows.push_back(evicted[i]);

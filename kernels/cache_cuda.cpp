@@ -139,6 +139,10 @@ std::vector<torch::Tensor> cache_prepare_cuda(torch::Tensor indices, torch::Tens
   auto fill = filled.to(torch::kBool);
   auto uncached = std::get<0>(torch::_unique(loc.row.masked_select(slots < 0))).numel();
   auto stats = torch::tensor({touched.item<int64_t>(), (int64_t)uncached}, torch::kInt64);
+  if (storage) {  // moved here: the events are not returned (as the CPU kernel)
+    auto none = torch::empty({0}, indices.options());
+    return {slots, none, none, none, none, stats};
+  }
   return {slots, slots.masked_select(wb), evicted.masked_select(wb), slots.masked_select(fill),
           loc.row.masked_select(fill), stats};
 }

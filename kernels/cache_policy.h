@@ -193,11 +193,30 @@ MPC_CACHE_HD int32_t mru_fill(const uint8_t* mru, int32_t W) {
   return m ? ctz32(m) : W;
 }
 
-// Move way w from mru[pos] (pos = fill: not yet listed) to the front.
-MPC_CACHE_HD void mru_to_front(uint8_t* mru, int32_t pos, int32_t w) {
+// Move way w from mru[pos] (pos = fill: not yet listed) to the front of a W-way list.
+MPC_CACHE_HD void mru_to_front(uint8_t* mru, int32_t W, int32_t pos, int32_t w) {
 #ifdef __CUDA_ARCH__
   for (int32_t k = pos; k > 0; --k) mru[k] = mru[k - 1];
 #else
+#ifdef MPC_CACHE_AVX2
+  if (W >= 17 && pos > 0) {  // one 32-byte blend over the set's own header bytes
+    // The window mru[W-32 .. W) (fingerprints first when W < 32, written back as they
+    // are); its byte j is mru[j - off]. Bytes 1..pos take their left neighbour's value.
+    const int32_t off = 32 - W;
+    uint8_t* q = mru - off;
+    const __m256i cur = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i left = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q - 1));  // W >= 17: in the header
+    const __m256i k = _mm256_sub_epi8(_mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+                                                       18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31),
+                                      _mm256_set1_epi8((char)off));
+    const __m256i shift = _mm256_and_si256(_mm256_cmpgt_epi8(k, _mm256_setzero_si256()),
+                                           _mm256_cmpgt_epi8(_mm256_set1_epi8((char)(pos + 1)), k));
+    __m256i v = _mm256_blendv_epi8(cur, left, shift);
+    v = _mm256_blendv_epi8(v, _mm256_set1_epi8((char)w), _mm256_cmpeq_epi8(k, _mm256_setzero_si256()));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), v);
+    return;
+  }
+#endif
   memmove(mru + 1, mru, (size_t)pos);
 #endif
   mru[0] = (uint8_t)w;
@@ -444,7 +463,7 @@ MPC_CACHE_HD AccessResult access_header_lru(const SetRef& s, int64_t row, int64_
   if (w >= 0) {
     res.first_touch = s.times[w] <= start;
     s.times[w] = now;
-    mru_to_front(s.mru, mru_pos(s.mru, W, w), w);
+    mru_to_front(s.mru, W, mru_pos(s.mru, W, w), w);
     res.way = w;
     res.hit = true;
     return res;
@@ -452,12 +471,12 @@ MPC_CACHE_HD AccessResult access_header_lru(const SetRef& s, int64_t row, int64_
   const int32_t fill = mru_fill(s.mru, W);  // a miss: fill or evict
   if (fill < W) {
     w = fill;  // the lowest empty way
-    mru_to_front(s.mru, fill, w);
+    mru_to_front(s.mru, W, fill, w);
   } else {
     w = s.mru[W - 1];                    // least recently used
     if (s.times[w] > start) return res;  // needed this step
     res.evicted = s.tags[w];
-    mru_to_front(s.mru, W - 1, w);
+    mru_to_front(s.mru, W, W - 1, w);
   }
   s.tags[w] = row;
   s.times[w] = now;

@@ -16,6 +16,15 @@
 
 namespace mpc_rowformat {
 
+// Ask for the cache lines of a row of `bytes` bytes at `a` (two when it straddles a
+// line boundary, as 24-byte INT8 rows of dim 16 often do): rows are sparse and random.
+template <bool Write = false>
+inline void prefetch_row(const void* a, int64_t bytes) {
+  const char* p = static_cast<const char*>(a);
+  __builtin_prefetch(p, Write, 3);
+  if ((int64_t)(reinterpret_cast<uintptr_t>(p) & 63) + bytes > 64) __builtin_prefetch(p + bytes - 1, Write, 3);
+}
+
 #ifdef MPC_ROWFORMAT_AVX2
 // mix32 on 8 lanes (the same integer operations as the scalar lowbias32).
 inline __m256i mix32_x8(__m256i x) {

@@ -270,12 +270,6 @@ struct RowRef {
   bool cached;         // an FP32 cache row
 };
 
-// Both cache lines of a row that straddles a line boundary (e.g. 37% of 24-byte rows).
-inline void prefetch(const uint8_t* a, int64_t rbytes) {
-  __builtin_prefetch(a, 0, 3);
-  if ((reinterpret_cast<uintptr_t>(a) & 63) + rbytes > 64) __builtin_prefetch(a + rbytes - 1, 0, 3);
-}
-
 // Sum(dim, out row) starts a bag, add(ref) adds its rows in bag order, end(out row) stores it.
 template <typename Sum>
 void pool_blocks(const Batch& b, const uint8_t* weights, int64_t rbytes, int dim, const Cache& cache,
@@ -308,7 +302,7 @@ void pool_blocks(const Batch& b, const uint8_t* weights, int64_t rbytes, int dim
       }
       const size_t n = refs.size();
       for (size_t i = 0; i < std::min<size_t>(n, kPrefetch); ++i)
-        if (refs[i].row) prefetch(refs[i].row, rbytes);
+        if (refs[i].row) prefetch_row(refs[i].row, rbytes);
       size_t i = 0;
       for (int64_t t = 0; t < b.T; ++t) {  // pass 2: sums, in bag order
         for (int64_t s = s0; s < s1; ++s) {
@@ -317,7 +311,7 @@ void pool_blocks(const Batch& b, const uint8_t* weights, int64_t rbytes, int dim
           float* o = out + (s * b.T + t) * dim;
           Sum sum(dim, o);
           for (int64_t p = lo; p < hi; ++p, ++i) {
-            if (i + kPrefetch < n && refs[i + kPrefetch].row) prefetch(refs[i + kPrefetch].row, rbytes);
+            if (i + kPrefetch < n && refs[i + kPrefetch].row) prefetch_row(refs[i + kPrefetch].row, rbytes);
             const RowRef& r = refs[i];
             if (r.row) sum.add(r);
           }
@@ -483,15 +477,25 @@ Groups group_by_row(const Batch& b) {
   return g;
 }
 
+// Before anything is written: every occurrence of a row names the same slot.
 void check_slots_per_row(const Groups& g, const Cache& cache) {
   if (!cache.slots64 && !cache.slots32) return;
-  for (size_t s = 0; s + 1 < g.starts.size(); ++s) {
-    int64_t first = cache.slot(int64_t(g.keys[g.starts[s]] & 0xFFFFFFFFu));
-    for (int64_t i = g.starts[s] + 1; i < g.starts[s + 1]; ++i)
-      TORCH_CHECK_VALUE(cache.slot(int64_t(g.keys[i] & 0xFFFFFFFFu)) == first,
-                        "slots: all occurrences of a row must have the same slot (row ",
-                        int64_t(g.keys[i] >> 32), ")");
-  }
+  const int64_t nseg = (int64_t)g.starts.size() - 1, none = (int64_t)g.keys.size();
+  FirstError bad(none);  // sorted position of the first disagreeing occurrence
+  parallel_chunks(nseg, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t first = cache.slot(int64_t(g.keys[g.starts[s]] & 0xFFFFFFFFu));
+      for (int64_t i = g.starts[s] + 1; i < g.starts[s + 1]; ++i) {
+        if (cache.slot(int64_t(g.keys[i] & 0xFFFFFFFFu)) != first) {
+          bad.note(i);
+          break;
+        }
+      }
+    }
+  });
+  const int64_t i = bad.pos.load();
+  TORCH_CHECK_VALUE(i == none, "slots: all occurrences of a row must have the same slot (row ",
+                    i == none ? 0 : int64_t(g.keys[i] >> 32), ")");
 }
 
 // Ids and rows ahead of the one being updated are requested early (the rows are sparse
@@ -517,7 +521,10 @@ void update_rows(const Batch& b, const Groups& g, const Cache& cache, uint8_t* w
     std::vector<float> gsum(D), row(D);
     for (int64_t s = begin; s < end; ++s) {
       int64_t slot;
-      if (s + kUpdatePrefetch < end) __builtin_prefetch(target_of(s + kUpdatePrefetch, &slot), 1);
+      if (s + kUpdatePrefetch < end) {
+        const uint8_t* ahead = target_of(s + kUpdatePrefetch, &slot);
+        prefetch_row<true>(ahead, slot >= 0 ? D * 4 : rb);
+      }
       std::fill(gsum.begin(), gsum.end(), 0.0f);
       for (int64_t i = g.starts[s]; i < g.starts[s + 1]; ++i) {
         if (i + 2 * kUpdatePrefetch < n) __builtin_prefetch(grad_of(i + 2 * kUpdatePrefetch));

@@ -50,7 +50,8 @@ SCAN_WAYS = 32  # = kScanWays in kernels/cache_policy.h
 
 
 class PrepareOutput(NamedTuple):
-    """What one training batch's `prepare` decided (events in access order)."""
+    """What one training batch's `prepare` decided (events in access order; the event
+    tensors are empty when `prepare` was given the storage and moved the rows itself)."""
 
     slots: torch.Tensor            # per id: its row's slot, or -1 (trained in low precision)
     writeback_slots: torch.Tensor
@@ -185,7 +186,8 @@ class FP32Cache(nn.Module):
 
         With `storage` (the backend's stored rows) the evicted rows are written back to
         it (stream (seed, step, row, PURPOSE_WRITEBACK)) and the admitted rows filled
-        from it; without, only the decisions are made (and returned).
+        from it; without, only the decisions are made, and the events (write-backs, then
+        fills) are returned for the caller to move.
         """
         indices = indices.to(torch.int64).contiguous()
         kernel = self._kernel()
@@ -225,6 +227,7 @@ class FP32Cache(nn.Module):
                                                    wb_rows, rng.PURPOSE_WRITEBACK)
             if len(fill_slots):
                 self.weights[fill_slots] = o.dequantize_rows(c.precision, storage[fill_rows], c.dim)
+            wb_slots = wb_rows = fill_slots = fill_rows = tensor([])  # moved: not returned
         slots = tensor(result.slots)
         uncached = len(set(rows[slots < 0].tolist()))
         return PrepareOutput(slots, wb_slots, wb_rows, fill_slots, fill_rows, result.touched, uncached)
