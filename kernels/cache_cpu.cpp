@@ -21,6 +21,7 @@
 // export: cache_prepare cache_probe cache_rebuild
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -111,21 +112,30 @@ constexpr int64_t kPrefetchAhead = 16;  // accesses of the shard: enough to over
 constexpr int64_t kPrefetchHeader = 32; // header sets: the header this far ahead, the way at kPrefetchAhead
 inline int32_t shard_of(int64_t set) { return (int32_t)((set / kSetsPerBlock) % kShards); }
 
-// The batch located: global row, table, group and set (local to the group) of every id,
-// and the ids grouped by shard: order[shard_start[s] .. shard_start[s+1]) are shard s's
-// positions, ascending (batch order).
-// With by_shard, `seq` holds the same facts in shard order (seq[k] is position
-// order[k]): the walk then reads one sequential array instead of gathering from four.
+// An array of n trivially constructible values left uninitialized (every entry is
+// written before it is read): a batch's scratch without std::vector's zero fill.
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  void resize(int64_t n) { p.reset(new T[n]); }
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+  T& operator[](int64_t i) { return p[i]; }
+  const T& operator[](int64_t i) const { return p[i]; }
+};
+
+// The batch located: global row, set (local to the group), group and table of every
+// id, in batch order (`at`); with by_shard also the ids grouped by shard:
+// order[shard_start[s] .. shard_start[s+1]) are shard s's positions, ascending (batch
+// order), and seq[k] = at[order[k]]: the walk reads one sequential array.
 struct Access {
   int64_t row, set;
   int32_t group, table;
 };
 
 struct Located {
-  std::vector<int64_t> row, set;
-  std::vector<int32_t> table, group;
-  std::vector<int32_t> order;
-  std::vector<Access> seq;
+  Scratch<Access> at, seq;
+  Scratch<int32_t> order;
   int64_t shard_start[kShards + 1];
 };
 
@@ -145,12 +155,10 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
   const int64_t *toff = table_offsets.data_ptr<int64_t>(), *b = bounds.data_ptr<int64_t>();
   const int64_t* geo = geometry.data_ptr<int64_t>();
   Located loc;
-  loc.row.resize(n);
-  loc.set.resize(n);
-  loc.table.resize(n);
-  loc.group.resize(n);
-  std::vector<uint8_t> shard(by_shard ? n : 0);
+  loc.at.resize(n);
+  Scratch<uint8_t> shard;
   if (by_shard) {
+    shard.resize(n);
     loc.order.resize(n);
     loc.seq.resize(n);
   }
@@ -169,22 +177,20 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
 #pragma omp for schedule(static) nowait
       for (int64_t i = tb[t]; i < tb[t + 1]; ++i) {
         const int64_t id = ids[i], row = toff[t] + id;
-        if (id < 0 || id >= rows) {
-          first_bad = std::min(first_bad, i);
+        const bool bad = id < 0 || id >= rows;
+        if (bad || i >= b[g + 1] || row < r[kFirstRow] || row >= r[kFirstRow] + r[kRows]) {  // or bounds disagree
+          if (bad) first_bad = std::min(first_bad, i);
+          else first_stray = std::min(first_stray, i);
+          loc.at[i] = Access{0, 0, 0, 0};  // placed (shard 0), then the call raises
+          if (by_shard) shard[i] = 0;
           continue;
         }
-        if (i >= b[g + 1] || row < r[kFirstRow] || row >= r[kFirstRow] + r[kRows]) {  // bounds disagree
-          first_stray = std::min(first_stray, i);
-          continue;
-        }
-        loc.row[i] = row;
-        loc.table[i] = (int32_t)t;
-        loc.group[i] = (int32_t)g;
-        loc.set[i] = mix32((uint32_t)row) % (uint32_t)r[kNSets];  // nsets < 2^32 (checked)
-        if (by_shard) shard[i] = (uint8_t)shard_of(r[kSetOffset] + loc.set[i]);
+        const int64_t set = mix32((uint32_t)row) % (uint32_t)r[kNSets];  // nsets < 2^32 (checked)
+        loc.at[i] = Access{row, set, (int32_t)g, (int32_t)t};
+        if (by_shard) shard[i] = (uint8_t)shard_of(r[kSetOffset] + set);
       }
     }
-    if (by_shard) {  // (a bad id's shard stays 0: it is placed, then the call raises)
+    if (by_shard) {
       const int tid = omp_get_thread_num(), used = omp_get_num_threads();
       const int64_t lo = n * tid / used, hi = n * (tid + 1) / used;
 #pragma omp barrier
@@ -207,7 +213,7 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t k = mine[shard[i]]++;
         loc.order[k] = (int32_t)i;
-        loc.seq[k] = Access{loc.row[i], loc.set[i], loc.group[i], loc.table[i]};
+        loc.seq[k] = loc.at[i];
       }
     }
   }
@@ -270,8 +276,8 @@ RowData row_data(const std::vector<torch::Tensor>& rowdata, int64_t precision, b
 // Each access's outcome, stored at its place k in loc.order: a shard's entries are
 // contiguous, so threads working on different shards never write the same cache line.
 struct Outcomes {
-  std::vector<int64_t> slot, evicted;
-  std::vector<uint8_t> filled;
+  Scratch<int64_t> slot, evicted;
+  Scratch<uint8_t> filled;
 };
 
 // What one thread adds up over the shards it took.
@@ -493,7 +499,7 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
     }
     if (filled[i]) {
       fill_slots.push_back(slot[i]);
-      fill_rows.push_back(loc.row[i]);
+      fill_rows.push_back(loc.at[i].row);
     }
   }
   auto stats = torch::empty({2}, torch::kInt64);
@@ -515,9 +521,10 @@ torch::Tensor cache_probe(torch::Tensor indices, torch::Tensor table_bounds, tor
   int64_t* out = slots.data_ptr<int64_t>();
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t* g = geo + loc.group[i] * kGeomFields;
-    int32_t w = find(set_ref(a, g, loc.set[i]), loc.row[i]);
-    out[i] = w < 0 ? -1 : g[kSlotOffset] + loc.set[i] * g[kWays] + w;
+    const Access& ai = loc.at[i];
+    const int64_t* g = geo + ai.group * kGeomFields;
+    int32_t w = find(set_ref(a, g, ai.set), ai.row);
+    out[i] = w < 0 ? -1 : g[kSlotOffset] + ai.set * g[kWays] + w;
   }
   return slots;
 }
