@@ -469,17 +469,14 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
       else walk_shard<kLFU>(w, s, out, acc);
     }
     // back to batch order (each position written once); the events only if returned
-    if (events) {
 #pragma omp for schedule(static)
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t i = loc.order[k];
-        slot[i] = out.slot[k];
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = loc.order[k];
+      slot[i] = out.slot[k];
+      if (events) {
         evicted[i] = out.evicted[k];
         filled[i] = out.filled[k];
       }
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t k = 0; k < n; ++k) slot[loc.order[k]] = out.slot[k];
     }
   }
   int64_t* cnt = counters.data_ptr<int64_t>();
