@@ -95,12 +95,22 @@ CacheArrays arrays(const torch::Tensor& geometry, int64_t policy, const std::vec
                      header ? derived[4].data_ptr<uint8_t>() : nullptr};
 }
 
-void check_bounds(const torch::Tensor& bounds, int64_t parts, int64_t n, const char* name) {
+// A bounds argument: parts + 1 non-decreasing positions from 0 to n, passed as such or
+// as the batch's offsets (parts * k + 1 entries, k = bags per part), whose every k-th
+// entry they are: the table-major offsets give each table's and each group's positions
+// without a strided copy on the Python side.
+std::vector<int64_t> read_bounds(const torch::Tensor& bounds, int64_t parts, int64_t n, const char* name) {
   check_i64(bounds, name);
-  TORCH_CHECK(bounds.numel() == parts + 1, name, " must have ", parts + 1, " entries");
-  const int64_t* b = bounds.data_ptr<int64_t>();
+  const int64_t m = bounds.numel();
+  TORCH_CHECK(parts >= 1 && m >= 1 && (m - 1) % parts == 0, name, " must have ", parts,
+              " * k + 1 entries (k = 1: the bounds; else the batch's offsets), got ", m);
+  const int64_t stride = (m - 1) / parts;
+  const int64_t* p = bounds.data_ptr<int64_t>();
+  std::vector<int64_t> b(parts + 1);
+  for (int64_t k = 0; k <= parts; ++k) b[k] = p[k * stride];
   TORCH_CHECK(b[0] == 0 && b[parts] == n, name, " must start at 0 and end at the number of ids");
   for (int64_t k = 0; k < parts; ++k) TORCH_CHECK(b[k] <= b[k + 1], name, " must be non-decreasing");
+  return b;
 }
 
 // Sets are dealt into kShards shards by blocks of consecutive sets (neighbouring sets'
@@ -125,15 +135,18 @@ struct Scratch {
 };
 
 // The batch located: global row, set (local to the group), group and table of every
-// id, in batch order (`at`); with by_shard also the ids grouped by shard:
+// id, in batch order (`at`); with by_shard instead the ids grouped by shard:
 // order[shard_start[s] .. shard_start[s+1]) are shard s's positions, ascending (batch
-// order), and seq[k] = at[order[k]]: the walk reads one sequential array.
+// order), and seq[k] is the access at position order[k]: the walk reads one sequential
+// array (16 bytes an access; `at` is not built).
 struct Access {
-  int64_t row, set;
-  int32_t group, table;
+  int64_t row;
+  int32_t set;  // < nsets < 2^31 (slots < 2^31, checked)
+  uint16_t group, table;
 };
 
 struct Located {
+  std::vector<int64_t> table_bounds, bounds;  // each table's / group's positions (T+1, G+1)
   Scratch<Access> at, seq;
   Scratch<int32_t> order;
   int64_t shard_start[kShards + 1];
@@ -148,19 +161,28 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
   check_i64(indices, "indices");
   check_i64(table_offsets, "table_offsets");
   const int64_t n = indices.numel(), T = table_offsets.numel() - 1, G = geometry.size(0);
-  check_bounds(table_bounds, T, n, "table_bounds");
-  check_bounds(bounds, G, n, "bounds");
-  TORCH_CHECK(n < (int64_t(1) << 31), "cache: at most 2^31 - 1 ids per batch");
-  const int64_t *ids = indices.data_ptr<int64_t>(), *tb = table_bounds.data_ptr<int64_t>();
-  const int64_t *toff = table_offsets.data_ptr<int64_t>(), *b = bounds.data_ptr<int64_t>();
-  const int64_t* geo = geometry.data_ptr<int64_t>();
   Located loc;
-  loc.at.resize(n);
+  loc.table_bounds = read_bounds(table_bounds, T, n, "table_bounds");
+  loc.bounds = read_bounds(bounds, G, n, "bounds");
+  TORCH_CHECK(n < (int64_t(1) << 31), "cache: at most 2^31 - 1 ids per batch");
+  TORCH_CHECK(T <= 65535 && G <= 65535, "cache: at most 65535 tables");
+  if (G > 0) {
+    const int64_t* last = geometry.data_ptr<int64_t>() + (G - 1) * kGeomFields;
+    TORCH_CHECK(last[kSlotOffset] + last[kWays] * last[kNSets] < (int64_t(1) << 31),
+                "cache: at most 2^31 - 1 slots");
+  }
+  const int64_t *ids = indices.data_ptr<int64_t>(), *tb = loc.table_bounds.data();
+  const int64_t *toff = table_offsets.data_ptr<int64_t>(), *b = loc.bounds.data();
+  const int64_t* geo = geometry.data_ptr<int64_t>();
   Scratch<uint8_t> shard;
+  Scratch<int32_t> sets;  // by_shard: each position's set (local to its group)
   if (by_shard) {
     shard.resize(n);
+    sets.resize(n);
     loc.order.resize(n);
     loc.seq.resize(n);
+  } else {
+    loc.at.resize(n);
   }
   // by_shard: a stable counting sort of the positions by shard, in parallel: each
   // thread counts the shards of its own range of positions, then places them after the
@@ -181,13 +203,17 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
         if (bad || i >= b[g + 1] || row < r[kFirstRow] || row >= r[kFirstRow] + r[kRows]) {  // or bounds disagree
           if (bad) first_bad = std::min(first_bad, i);
           else first_stray = std::min(first_stray, i);
-          loc.at[i] = Access{0, 0, 0, 0};  // placed (shard 0), then the call raises
-          if (by_shard) shard[i] = 0;
+          if (by_shard) shard[i] = 0, sets[i] = 0;  // placed (shard 0), then the call raises
+          else loc.at[i] = Access{0, 0, 0, 0};
           continue;
         }
-        const int64_t set = mix32((uint32_t)row) % (uint32_t)r[kNSets];  // nsets < 2^32 (checked)
-        loc.at[i] = Access{row, set, (int32_t)g, (int32_t)t};
-        if (by_shard) shard[i] = (uint8_t)shard_of(r[kSetOffset] + set);
+        const int32_t set = (int32_t)(mix32((uint32_t)row) % (uint32_t)r[kNSets]);
+        if (by_shard) {
+          shard[i] = (uint8_t)shard_of(r[kSetOffset] + set);
+          sets[i] = set;
+        } else {
+          loc.at[i] = Access{row, set, (uint16_t)g, (uint16_t)t};
+        }
       }
     }
     if (by_shard) {
@@ -210,10 +236,14 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
         }
         loc.shard_start[kShards] = next;
       }
+      // the accesses rebuilt from the ids, walking this range's tables and groups
+      int64_t t = group_of(tb, T, lo), g = group_of(b, G, lo);
       for (int64_t i = lo; i < hi; ++i) {
+        while (i >= tb[t + 1]) ++t;
+        while (i >= b[g + 1]) ++g;
         const int64_t k = mine[shard[i]]++;
         loc.order[k] = (int32_t)i;
-        loc.seq[k] = loc.at[i];
+        loc.seq[k] = Access{toff[t] + ids[i], sets[i], (uint16_t)g, (uint16_t)t};
       }
     }
   }
@@ -276,8 +306,9 @@ RowData row_data(const std::vector<torch::Tensor>& rowdata, int64_t precision, b
 // Each access's outcome, stored at its place k in loc.order: a shard's entries are
 // contiguous, so threads working on different shards never write the same cache line.
 struct Outcomes {
-  Scratch<int64_t> slot, evicted;
-  Scratch<uint8_t> filled;
+  Scratch<int32_t> slot;  // slots < 2^31 (checked)
+  int64_t* evicted = nullptr;  // batch order, only when the events are returned
+  uint8_t* filled = nullptr;
 };
 
 // What one thread adds up over the shards it took.
@@ -285,6 +316,7 @@ struct ThreadTotals {
   std::vector<int64_t> counters;
   int64_t touched = 0, uncached = 0;
   std::vector<int32_t> events, rejected;  // scratch (places k), reused shard after shard
+  std::vector<int64_t> event_evicted;     // per event: the row written back, or -1
   std::vector<int64_t> uncached_rows, distinct;  // scratch: a shard's uncached rows, their open-addressing set
 };
 
@@ -337,6 +369,7 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
   const int32_t* order = loc.order.data();
   const Access* seq = loc.seq.data();
   acc.events.clear();
+  acc.event_evicted.clear();
   acc.rejected.clear();
   for (int64_t k = lo; k < hi; ++k) {
     if (k + kPrefetchHeader < hi && w.far[seq[k + kPrefetchHeader].group]) {
@@ -362,10 +395,11 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
     ct[kFills] += res.filled;
     acc.touched += res.first_touch;
     if (res.way < 0) acc.rejected.push_back((int32_t)k);
-    if (res.filled) acc.events.push_back((int32_t)k);
-    out.slot[k] = res.way < 0 ? -1 : g[kSlotOffset] + ak.set * g[kWays] + res.way;
-    out.evicted[k] = res.evicted;
-    out.filled[k] = res.filled;
+    if (res.filled) {
+      acc.events.push_back((int32_t)k);
+      acc.event_evicted.push_back(res.evicted);
+    }
+    out.slot[k] = res.way < 0 ? -1 : (int32_t)(g[kSlotOffset] + ak.set * g[kWays] + res.way);
     if (res.evicted >= 0) {  // the victim's table: the group's own unless the group is shared
       const int64_t vt = w.G == w.T ? ak.table : table_of(w.toff, w.T, res.evicted);
       acc.counters[vt * kCounterFields + kEvictions] += 1;
@@ -379,12 +413,19 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
       if (e + kAhead < ne) {
         const int64_t k = acc.events[e + kAhead];
         using mpc_rowformat::prefetch_row;
-        prefetch_row<true>(rd.cache + out.slot[k] * rd.dim, rd.dim * 4);
+        prefetch_row<true>(rd.cache + (int64_t)out.slot[k] * rd.dim, rd.dim * 4);
         prefetch_row(rd.storage + seq[k].row * rd.rb, rd.rb);
-        if (out.evicted[k] >= 0) prefetch_row<true>(rd.storage + out.evicted[k] * rd.rb, rd.rb);
+        const int64_t ev = acc.event_evicted[e + kAhead];
+        if (ev >= 0) prefetch_row<true>(rd.storage + ev * rd.rb, rd.rb);
       }
       const int64_t k = acc.events[e];
-      rd.move(out.slot[k], out.evicted[k], seq[k].row);
+      rd.move(out.slot[k], acc.event_evicted[e], seq[k].row);
+    }
+  } else {  // the events in batch order, for the caller
+    for (size_t e = 0; e < acc.events.size(); ++e) {
+      const int64_t i = order[acc.events[e]];
+      out.evicted[i] = acc.event_evicted[e];
+      out.filled[i] = 1;
     }
   }
   // Under LFU a row rejected early may be admitted by a later access (counts grow):
@@ -399,7 +440,7 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
       const int64_t* g = w.geo + ak.group * kGeomFields;
       int32_t way = find(set_ref(w.a, g, ak.set), ak.row);
       if (way >= 0) {
-        out.slot[k] = g[kSlotOffset] + ak.set * g[kWays] + way;
+        out.slot[k] = (int32_t)(g[kSlotOffset] + ak.set * g[kWays] + way);
         continue;
       }
     }
@@ -416,8 +457,10 @@ torch::Tensor to_tensor(const std::vector<int64_t>& v) {
 
 }  // namespace mpc_cache
 
-// Admission/eviction for one training batch (ids and bounds as in locate()). Updates
-// tags/times/counts/clocks/counters and the derived structures in place and, when
+// Admission/eviction for one training batch (ids and bounds as in locate(); each bounds
+// argument may be the batch's offsets, see read_bounds). Updates tags/times/counts/
+// clocks/counters (and, given state[5], the traffic counters: +1 iteration and the
+// stats below) and the derived structures in place and, when
 // rowdata = [storage, cache_weights], moves the rows of each event. Returns [slots (n):
 // each id's row's slot after the walk, or -1; writeback_slots, writeback_rows,
 // fill_slots, fill_rows (access order; empty when the rows were moved here); stats (2):
@@ -429,7 +472,8 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
                                          int64_t step_key, int64_t purpose) {
   using namespace mpc_cache;
   CacheArrays a = arrays(geometry, policy, state, derived);
-  TORCH_CHECK(state.size() == 5, "cache_prepare: state is [tags, times, lfu_counts, clocks, counters]");
+  TORCH_CHECK(state.size() == 5 || state.size() == 6,
+              "cache_prepare: state is [tags, times, lfu_counts, clocks, counters] (+ [traffic])");
   const int64_t n = indices.numel(), G = geometry.size(0), T = table_offsets.numel() - 1;
   torch::Tensor clocks = state[3], counters = state[4];
   check_i64(clocks, "clocks");
@@ -441,18 +485,18 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
                         table_offsets.data_ptr<int64_t>()[T]);
   int64_t* clk = clocks.data_ptr<int64_t>();
   const std::vector<uint8_t> far = far_groups(geometry.data_ptr<int64_t>(), G);
-  Walk w{loc, a, rd, geometry.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(), table_offsets.data_ptr<int64_t>(),
+  Walk w{loc, a, rd, geometry.data_ptr<int64_t>(), loc.bounds.data(), table_offsets.data_ptr<int64_t>(),
          clk, n, G, T, far.data()};
   Outcomes out;
   out.slot.resize(n);
-  out.evicted.resize(n);
-  out.filled.resize(n);
   auto slots = torch::empty({n}, torch::kInt64);
   int64_t* slot = slots.data_ptr<int64_t>();
   // The events are returned for the caller to move the rows; moved here, they are not.
   const bool events = !rd.storage;
-  std::vector<int64_t> evicted(events ? n : 0);
-  std::vector<uint8_t> filled(events ? n : 0);
+  std::vector<int64_t> evicted(events ? n : 0, -1);
+  std::vector<uint8_t> filled(events ? n : 0, 0);
+  out.evicted = evicted.data();
+  out.filled = filled.data();
   const int nt = omp_get_max_threads();
   std::vector<ThreadTotals> totals(nt);
   int used = 1;
@@ -468,16 +512,9 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
       if (policy == kLRU) walk_shard<kLRU>(w, s, out, acc);
       else walk_shard<kLFU>(w, s, out, acc);
     }
-    // back to batch order (each position written once); the events only if returned
+    // back to batch order (each position written once)
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t i = loc.order[k];
-      slot[i] = out.slot[k];
-      if (events) {
-        evicted[i] = out.evicted[k];
-        filled[i] = out.filled[k];
-      }
-    }
+    for (int64_t k = 0; k < n; ++k) slot[loc.order[k]] = out.slot[k];
   }
   int64_t* cnt = counters.data_ptr<int64_t>();
   int64_t touched = 0, uncached = 0;
@@ -489,15 +526,25 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
   for (int64_t g = 0; g < G; ++g) clk[g] += w.bnd[g + 1] - w.bnd[g];
   // the events in access order
   std::vector<int64_t> wb_slots, wb_rows, fill_slots, fill_rows;
-  for (int64_t i = 0; i < (events ? n : 0); ++i) {
+  const int64_t *ids = indices.data_ptr<int64_t>(), *toff = table_offsets.data_ptr<int64_t>();
+  for (int64_t i = 0, t = 0; i < (events ? n : 0); ++i) {
+    while (i >= loc.table_bounds[t + 1]) ++t;
     if (evicted[i] >= 0) {
       wb_slots.push_back(slot[i]);
       wb_rows.push_back(evicted[i]);
     }
     if (filled[i]) {
       fill_slots.push_back(slot[i]);
-      fill_rows.push_back(loc.at[i].row);
+      fill_rows.push_back(toff[t] + ids[i]);
     }
+  }
+  if (state.size() == 6) {  // the traffic counters: iterations, uncached rows, cached rows
+    check_i64(state[5], "traffic");
+    TORCH_CHECK(state[5].numel() == 3, "traffic must have 3 entries");
+    int64_t* tr = state[5].data_ptr<int64_t>();
+    tr[0] += 1;
+    tr[1] += uncached;
+    tr[2] += touched;
   }
   auto stats = torch::empty({2}, torch::kInt64);
   stats.data_ptr<int64_t>()[0] = touched;

@@ -169,9 +169,20 @@ Cache check_cache(const std::optional<Tensor>& cache_weights, const std::optiona
   if (s.scalar_type() == torch::kInt64) c.slots64 = s.data_ptr<int64_t>();
   else c.slots32 = s.data_ptr<int32_t>();
   c.size = w.size(0);
-  for (int64_t p = 0; p < n; ++p) {
-    int64_t v = c.slot(p);
-    TORCH_CHECK(v >= -1 && v < c.size, "slot ", v, " at index ", p, " out of range [-1, ", c.size, ")");
+  // One branch-free min/max pass (vectorized), then the first bad slot for the message.
+  int64_t lo = -1, hi = -1;
+  if (c.slots64) {
+    for (int64_t p = 0; p < n; ++p) lo = std::min(lo, c.slots64[p]), hi = std::max(hi, c.slots64[p]);
+  } else {
+    int32_t lo32 = -1, hi32 = -1;
+    for (int64_t p = 0; p < n; ++p) lo32 = std::min(lo32, c.slots32[p]), hi32 = std::max(hi32, c.slots32[p]);
+    lo = lo32, hi = hi32;
+  }
+  if (lo < -1 || hi >= c.size) {
+    for (int64_t p = 0; p < n; ++p) {
+      int64_t v = c.slot(p);
+      TORCH_CHECK(v >= -1 && v < c.size, "slot ", v, " at index ", p, " out of range [-1, ", c.size, ")");
+    }
   }
   return c;
 }

@@ -134,11 +134,13 @@ class FP32Cache(nn.Module):
         self.register_buffer("header", quant.full_huge((kl.header_bytes,), 0xFF, torch.uint8), persistent=False)
         self._derived_valid = True
         self._derived_device = self.tags.device
+        self._slot_count = self.layout.slots
+        self._fns = None  # (device, kernels) of the last _kernel() call
         self.register_load_state_dict_post_hook(lambda module, _keys: module._invalidate())
 
     @property
     def slots(self) -> int:
-        return self.layout.slots
+        return self._slot_count
 
     def _invalidate(self) -> None:
         self._derived_valid = False
@@ -151,6 +153,10 @@ class FP32Cache(nn.Module):
 
     def _kernel(self):
         """(prepare, probe, rebuild) kernels for the state's device, or None (reference)."""
+        device = self.tags.device
+        cached = self._fns
+        if cached is not None and cached[0] == device and self._derived_valid:
+            return cached[1]  # every training step asks: the checks below ran already
         if not self.config.use_kernels:
             return None
         from mpc import kernels
@@ -166,6 +172,7 @@ class FP32Cache(nn.Module):
         if not self._derived_valid:
             fns[2](self.geometry, POLICY_CODE[self.policy], self._state()[:3], self._derived())
             self._derived_valid = True
+        self._fns = (device, fns)
         return fns
 
     def bounds(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,26 +187,48 @@ class FP32Cache(nn.Module):
             return tables, tables[[0, -1]].contiguous()
         return tables, tables
 
+    def _kernel_bounds(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounds arguments of the kernels: the CPU kernels read each table's and
+        group's positions from the offsets themselves (every B-th entry); the CUDA ones
+        take them computed (`bounds`)."""
+        if self.tags.is_cuda:
+            return self.bounds(offsets)
+        offsets = offsets if offsets.dtype == torch.int64 and offsets.is_contiguous() else \
+            offsets.to(torch.int64).contiguous()
+        return offsets, offsets
+
     def prepare(self, indices: torch.Tensor, offsets: torch.Tensor, storage: torch.Tensor | None = None,
-                step: int = 0) -> PrepareOutput:
+                step: int = 0, count_traffic: bool = False) -> PrepareOutput:
         """Admit/evict for one training batch (table-local ids, table-major bags).
 
         With `storage` (the backend's stored rows) the evicted rows are written back to
         it (stream (seed, step, row, PURPOSE_WRITEBACK)) and the admitted rows filled
         from it; without, only the decisions are made, and the events (write-backs, then
-        fills) are returned for the caller to move.
+        fills) are returned for the caller to move. `count_traffic`: also add the
+        batch to the traffic counters (as `count_traffic(out)`).
         """
-        indices = indices.to(torch.int64).contiguous()
+        if indices.dtype != torch.int64 or not indices.is_contiguous():
+            indices = indices.to(torch.int64).contiguous()
         kernel = self._kernel()
         if kernel is None:
-            return self._prepare_reference(indices, offsets, storage, step)
-        c = self.config
-        rowdata = [] if storage is None else [storage, self.weights]
-        out = kernel[0](indices, *self.bounds(offsets), self.geometry, self.table_starts, POLICY_CODE[self.policy],
-                        self._state(), self._derived(), rowdata, PRECISION_CODE[c.precision],
-                        c.rounding is Rounding.STOCHASTIC, rng.step_key(c.seed, step), rng.PURPOSE_WRITEBACK)
-        touched, uncached = out[5].tolist()
-        return PrepareOutput(*out[:5], touched, uncached)
+            out = self._prepare_reference(indices, offsets, storage, step)
+        else:
+            c = self.config
+            rowdata = [] if storage is None else [storage, self.weights]
+            state = self._state()
+            counted = count_traffic and not self.tags.is_cuda  # the CPU kernel adds it up itself
+            if counted:
+                state.append(self.traffic)
+            res = kernel[0](indices, *self._kernel_bounds(offsets), self.geometry, self.table_starts,
+                            POLICY_CODE[self.policy], state, self._derived(), rowdata, PRECISION_CODE[c.precision],
+                            c.rounding is Rounding.STOCHASTIC, rng.step_key(c.seed, step), rng.PURPOSE_WRITEBACK)
+            touched, uncached = res[5].tolist()
+            out = PrepareOutput(*res[:5], touched, uncached)
+            if counted:
+                return out
+        if count_traffic:
+            self.count_traffic(out)
+        return out
 
     def count_traffic(self, out: PrepareOutput) -> None:
         """Add one iteration's distinct uncached / cached rows to the traffic counters."""
@@ -237,7 +266,7 @@ class FP32Cache(nn.Module):
         indices = indices.to(torch.int64).contiguous()
         kernel = self._kernel()
         if kernel is not None:
-            return kernel[1](indices, *self.bounds(offsets), self.geometry, self.table_starts,
+            return kernel[1](indices, *self._kernel_bounds(offsets), self.geometry, self.table_starts,
                              POLICY_CODE[self.policy], self._state()[:3], self._derived())
         check_indices(indices, offsets, self.config.cardinalities)
         rows = global_rows(indices, offsets, self.table_starts)
@@ -284,11 +313,10 @@ class CachedQuantizedEmbeddingBag(QuantizedEmbeddingBag):
         if self.cache.slots == 0:
             return
         try:
-            out = self.cache.prepare(indices, offsets, self.weights, int(self.step))
+            out = self.cache.prepare(indices, offsets, self.weights, int(self.step), count_traffic=True)
         except RuntimeError:
             check_indices(indices, offsets, self.config.cardinalities)  # a ValueError naming the id
             raise
-        self.cache.count_traffic(out)
         self._prepared = (indices, offsets, indices._version, offsets._version, out.slots)
 
     def slots_for(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
