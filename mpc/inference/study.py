@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -176,9 +177,40 @@ def _width_specs(base: ModelSpec, widths) -> list[ModelSpec]:
                                 mlp_pattern=MlpPattern.CONSTANT.value) for w in widths]
 
 
-def _rows_for(base: ModelSpec, llc: int, ratio: float) -> int:
-    """Rows per table so that the FP32 tables take `ratio` x the LLC."""
-    return max(16, int(ratio * llc / (4 * base.dim * base.num_tables)))
+# A point holds its FP32 tables several times over (eager model, inference twins, each
+# runtime's export): the tables of one point may take at most this share of the RAM. A
+# machine whose reported LLC is huge (a VM may show hundreds of MB) would otherwise
+# build "8x LLC" tables of gigabytes and run out of memory.
+TABLE_RAM_SHARE = 1 / 16
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _rows_for(base: ModelSpec, llc: int, ratio: float, ram: int | None = None) -> int:
+    """Rows per table so that the FP32 tables take `ratio` x the LLC, capped so that
+    they take at most TABLE_RAM_SHARE of the RAM (the point's recorded table_over_llc
+    is then what was built, below `ratio`)."""
+    per_row = 4 * base.dim * base.num_tables
+    rows = max(16, int(ratio * llc / per_row))
+    ram = _ram_bytes() if ram is None else ram
+    if ram:
+        cap = max(16, int(ram * TABLE_RAM_SHARE / per_row))
+        if rows > cap:
+            log.warning("inference study: tables of %.3gx the LLC (%d MB) capped at %d MB, 1/%d of the RAM",
+                        ratio, int(ratio * llc) >> 20, (cap * per_row) >> 20, round(1 / TABLE_RAM_SHARE))
+            rows = cap
+    return rows
+
+
+def _table_sizes(base: ModelSpec, llc: int, ratios) -> list[ModelSpec]:
+    """The table_size sweep's points: one per distinct size (capped ratios may coincide)."""
+    rows = dict.fromkeys(_rows_for(base, llc, r) for r in ratios)
+    return [dataclasses.replace(base, rows_per_table=n) for n in rows]
 
 
 def full_study(llc: int | None = None) -> StudyConfig:
@@ -186,7 +218,7 @@ def full_study(llc: int | None = None) -> StudyConfig:
     machine's LLC (see the module doc)."""
     llc = llc or llc_bytes() or 32 << 20
     base = ModelSpec()
-    sizes = [dataclasses.replace(base, rows_per_table=_rows_for(base, llc, r)) for r in (0.125, 0.5, 2, 8, 16)]
+    sizes = _table_sizes(base, llc, (0.125, 0.5, 2, 8, 16))
     big = dataclasses.replace(base, rows_per_table=_rows_for(base, llc, 8))
     sweeps = (
         Sweep("mlp_depth", "mlp_depth", tuple(_depth_specs(base, (1, 2, 4, 6), 512))),
@@ -205,7 +237,7 @@ def default_study(llc: int | None = None) -> StudyConfig:
     shorter measurements. torch.compile builds once per batch size and dominates."""
     llc = llc or llc_bytes() or 32 << 20
     base = ModelSpec()
-    sizes = [dataclasses.replace(base, rows_per_table=_rows_for(base, llc, r)) for r in (0.125, 1, 8)]
+    sizes = _table_sizes(base, llc, (0.125, 1, 8))
     sweeps = (
         # A funnel of depth 1 is the constant MLP of depth 1: measured once.
         Sweep("mlp_depth", "mlp_depth", tuple(_depth_specs(base, (1, 3, 6), 512, funnel_depths=(3, 6)))),
