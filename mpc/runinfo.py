@@ -59,10 +59,17 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    with contextlib.suppress(OSError, ValueError):
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        info["memory_gib"] = round(pages / 2**30, 1)
+    ram = ram_bytes()
+    if ram is not None:
+        info["memory_gib"] = round(ram / 2**30, 1)
     return info
+
+
+def ram_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
 
 
 def provenance() -> dict:

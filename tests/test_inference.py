@@ -608,7 +608,7 @@ def test_default_set_keeps_every_sweep_and_batch_with_fewer_points():
     assert default.reps < full.reps and default.max_seconds < full.max_seconds
 
 
-def test_table_sizes_capped_by_ram_and_deduplicated():
+def test_table_sizes_capped_by_ram_and_deduplicated(monkeypatch):
     base = study.ModelSpec()
     per_row = 4 * base.dim * base.num_tables
     llc, ram = 480 << 20, 24 << 30                     # a VM reporting a 480 MB LLC, 24 GiB of RAM
@@ -616,13 +616,9 @@ def test_table_sizes_capped_by_ram_and_deduplicated():
     cap = int(ram * study.TABLE_RAM_SHARE / per_row)
     assert study._rows_for(base, llc, 8, ram=ram) == cap                     # 3.8 GB -> 1.5 GB
     assert study._rows_for(base, 32 << 20, 8, ram=ram) == int(8 * (32 << 20) / per_row)  # 32 MB LLC: as asked
-    study_ram = study._ram_bytes
-    try:
-        study._ram_bytes = lambda: ram
-        sizes = study._table_sizes(base, llc, (0.125, 8, 16))             # 8x and 16x both capped: one point
-        assert [s.rows_per_table for s in sizes] == [int(0.125 * llc / per_row), cap]
-    finally:
-        study._ram_bytes = study_ram
+    monkeypatch.setattr(study, "ram_bytes", lambda: ram)
+    sizes = study._table_sizes(base, llc, (0.125, 8, 16))                 # 8x and 16x both capped: one point
+    assert [s.rows_per_table for s in sizes] == [int(0.125 * llc / per_row), cap]
 
 
 def test_study_config_narrows_and_overrides():

@@ -210,23 +210,18 @@ class FP32Cache(nn.Module):
         if indices.dtype != torch.int64 or not indices.is_contiguous():
             indices = indices.to(torch.int64).contiguous()
         kernel = self._kernel()
+        in_kernel = count_traffic and kernel is not None and not self.tags.is_cuda  # the CPU kernel adds it up
         if kernel is None:
             out = self._prepare_reference(indices, offsets, storage, step)
         else:
             c = self.config
             rowdata = [] if storage is None else [storage, self.weights]
-            state = self._state()
-            counted = count_traffic and not self.tags.is_cuda  # the CPU kernel adds it up itself
-            if counted:
-                state.append(self.traffic)
+            state = self._state() + ([self.traffic] if in_kernel else [])
             res = kernel[0](indices, *self._kernel_bounds(offsets), self.geometry, self.table_starts,
                             POLICY_CODE[self.policy], state, self._derived(), rowdata, PRECISION_CODE[c.precision],
                             c.rounding is Rounding.STOCHASTIC, rng.step_key(c.seed, step), rng.PURPOSE_WRITEBACK)
-            touched, uncached = res[5].tolist()
-            out = PrepareOutput(*res[:5], touched, uncached)
-            if counted:
-                return out
-        if count_traffic:
+            out = PrepareOutput(*res[:5], *res[5].tolist())
+        if count_traffic and not in_kernel:
             self.count_traffic(out)
         return out
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -49,7 +48,7 @@ from mpc.inference.module import InferenceDLRM, LookupKind
 from mpc.inference.timing import ForeignLoad, llc_bytes, measure_interleaved, pinned_threads
 from mpc.inference.workload import DEFAULT_ZIPF_S, IndexDistribution, input_pool
 from mpc.model import DLRM, DLRMConfig
-from mpc.runinfo import atomic_write_json, provenance
+from mpc.runinfo import atomic_write_json, provenance, ram_bytes
 
 log = logging.getLogger(__name__)
 
@@ -184,20 +183,13 @@ def _width_specs(base: ModelSpec, widths) -> list[ModelSpec]:
 TABLE_RAM_SHARE = 1 / 16
 
 
-def _ram_bytes() -> int | None:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _rows_for(base: ModelSpec, llc: int, ratio: float, ram: int | None = None) -> int:
     """Rows per table so that the FP32 tables take `ratio` x the LLC, capped so that
     they take at most TABLE_RAM_SHARE of the RAM (the point's recorded table_over_llc
     is then what was built, below `ratio`)."""
     per_row = 4 * base.dim * base.num_tables
     rows = max(16, int(ratio * llc / per_row))
-    ram = _ram_bytes() if ram is None else ram
+    ram = ram_bytes() if ram is None else ram
     if ram:
         cap = max(16, int(ram * TABLE_RAM_SHARE / per_row))
         if rows > cap:
