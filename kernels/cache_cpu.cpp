@@ -264,6 +264,14 @@ struct RowData {
   bool stochastic = false;
   uint32_t step_key = 0;
 
+  // The lines move() will read and write.
+  void prefetch(int64_t slot, int64_t evicted, int64_t row) const {
+    using mpc_rowformat::prefetch_row;
+    prefetch_row<true>(cache + slot * dim, dim * 4);
+    prefetch_row(storage + row * rb, rb);
+    if (evicted >= 0) prefetch_row<true>(storage + evicted * rb, rb);
+  }
+
   // Write back the row evicted from `slot` (if any), then fill `slot` from `row`.
   void move(int64_t slot, int64_t evicted, int64_t row) const {
     using namespace mpc_rowformat;
@@ -361,7 +369,8 @@ int64_t count_distinct(const std::vector<int64_t>& rows, std::vector<int64_t>& t
 }
 
 // One shard: every access of its sets, in batch order; then the rows of its events, in
-// event order (a row's write-back precedes its refill), prefetched a few events ahead.
+// event order (a row's write-back precedes its refill), requested when decided and again
+// a few events ahead.
 template <int32_t Policy>
 void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) {
   const Located& loc = w.loc;
@@ -395,11 +404,15 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
     ct[kFills] += res.filled;
     acc.touched += res.first_touch;
     if (res.way < 0) acc.rejected.push_back((int32_t)k);
+    const int32_t slot = res.way < 0 ? -1 : (int32_t)(g[kSlotOffset] + ak.set * g[kWays] + res.way);
+    out.slot[k] = slot;
     if (res.filled) {
       acc.events.push_back((int32_t)k);
       acc.event_evicted.push_back(res.evicted);
+      // The event's rows are moved after the walk: ask for their lines now, so that
+      // they arrive while the walk goes on (measured: prepare 0.96x the time).
+      if (w.rd.storage) w.rd.prefetch(slot, res.evicted, row);
     }
-    out.slot[k] = res.way < 0 ? -1 : (int32_t)(g[kSlotOffset] + ak.set * g[kWays] + res.way);
     if (res.evicted >= 0) {  // the victim's table: the group's own unless the group is shared
       const int64_t vt = w.G == w.T ? ak.table : table_of(w.toff, w.T, res.evicted);
       acc.counters[vt * kCounterFields + kEvictions] += 1;
@@ -410,13 +423,9 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
     constexpr size_t kAhead = 8;
     const size_t ne = acc.events.size();
     for (size_t e = 0; e < ne; ++e) {
-      if (e + kAhead < ne) {
+      if (e + kAhead < ne) {  // again, a few events ahead: the early request may have been dropped
         const int64_t k = acc.events[e + kAhead];
-        using mpc_rowformat::prefetch_row;
-        prefetch_row<true>(rd.cache + (int64_t)out.slot[k] * rd.dim, rd.dim * 4);
-        prefetch_row(rd.storage + seq[k].row * rd.rb, rd.rb);
-        const int64_t ev = acc.event_evicted[e + kAhead];
-        if (ev >= 0) prefetch_row<true>(rd.storage + ev * rd.rb, rd.rb);
+        rd.prefetch(out.slot[k], acc.event_evicted[e + kAhead], seq[k].row);
       }
       const int64_t k = acc.events[e];
       rd.move(out.slot[k], acc.event_evicted[e], seq[k].row);
