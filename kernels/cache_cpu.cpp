@@ -410,7 +410,7 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
       acc.events.push_back((int32_t)k);
       acc.event_evicted.push_back(res.evicted);
       // The event's rows are moved after the walk: ask for their lines now, so that
-      // they arrive while the walk goes on (measured: prepare 0.96x the time).
+      // they arrive while the walk goes on (measured: prepare 0.97x the time).
       if (w.rd.storage) w.rd.prefetch(slot, res.evicted, row);
     }
     if (res.evicted >= 0) {  // the victim's table: the group's own unless the group is shared
@@ -423,7 +423,7 @@ void walk_shard(const Walk& w, int64_t shard, Outcomes& out, ThreadTotals& acc) 
     constexpr size_t kAhead = 8;
     const size_t ne = acc.events.size();
     for (size_t e = 0; e < ne; ++e) {
-      if (e + kAhead < ne) {  // again, a few events ahead: the early request may have been dropped
+      if (e + kAhead < ne) {  // and again a few events ahead (measured: without it, 1.17x the time)
         const int64_t k = acc.events[e + kAhead];
         rd.prefetch(out.slot[k], acc.event_evicted[e + kAhead], seq[k].row);
       }
