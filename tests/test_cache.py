@@ -121,6 +121,26 @@ def test_matches_emulator_on_random_configs(seed):
     run_against_emulator(cfg, steps=6, seed=seed)
 
 
+# A per-table cache with at least 8 tables per thread (kGroupsPerThread in
+# kernels/cache_cpu.cpp) is walked table by table, each thread locating the ids of the
+# tables it takes; otherwise by shards of sets. These 20 tables are walked by table with
+# 1 or 2 threads and by shard with 3 (or shared).
+MANY_TABLES = (3, 1, 40, 7, 90, 250, 12, 2, 60, 33, 5, 18, 120, 9, 1000, 4, 27, 70, 15, 300)
+
+
+@pytest.mark.parametrize("policy,ways", [("lru", 4), ("lru", 32), ("lfu", 2), ("lru", 0), ("lfu", 0)])
+def test_many_tables_walked_by_table_match_the_emulator(policy, ways):
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            cfg = EmbeddingConfig(cardinalities=MANY_TABLES, dim=8, kind="int8", seed=7,
+                                  cache=CacheConfig(0.2, policy, ways))
+            run_against_emulator(cfg, steps=6, seed=n, max_batch=12)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_build_embedding_picks_the_cached_backend():
     cfg = EmbeddingConfig(cardinalities=(10, 20), dim=4, kind="int4", cache=CacheConfig(0.1))
     assert type(build_embedding(cfg)) is CachedQuantizedEmbeddingBag
@@ -338,8 +358,11 @@ def test_large_sets_many_evictions_match_the_reference_policy():
         assert fast.tags.tolist() == ref.tags
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    cfg = EmbeddingConfig(cardinalities=(5000, 3000, 20), dim=4, kind="int8", cache=CacheConfig(0.05, "lru", 8))
+@pytest.mark.parametrize("cards,policy", [((5000, 3000, 20), "lru"), (tuple(40 * n for n in MANY_TABLES), "lru"),
+                                         (tuple(40 * n for n in MANY_TABLES), "lfu")])
+def test_results_do_not_depend_on_the_thread_count(cards, policy):
+    """Three tables: shards at every thread count. Twenty: by table (1, 2 threads), by shard (3)."""
+    cfg = EmbeddingConfig(cardinalities=cards, dim=4, kind="int8", cache=CacheConfig(0.05, policy, 8))
     threads = torch.get_num_threads()
     runs = []
     try:
@@ -351,7 +374,7 @@ def test_results_do_not_depend_on_the_thread_count():
             out = []
             for _ in range(5):
                 ind, off = one_id_per_bag(cfg.cardinalities, 700, g, 3)
-                (emb(ind, off) * torch.randn(700, 3, 4, generator=g)).sum().backward()
+                (emb(ind, off) * torch.randn(700, len(cards), 4, generator=g)).sum().backward()
                 out.append(emb.slots_for(ind, off))
             runs.append((torch.stack(out), emb.state_dict()))
     finally:
@@ -374,6 +397,29 @@ def test_bad_ids_raise_and_leave_the_cache_untouched():
     # The kernel itself refuses them (no memory is touched out of bounds).
     with pytest.raises(RuntimeError, match="id 20 out of range for table 1"):
         emb.cache.prepare(torch.tensor([1, 20]), torch.tensor([0, 1, 2]), emb.weights)
+
+
+def test_bad_ids_raise_in_a_walk_by_table_and_leave_the_cache_untouched():
+    cfg = EmbeddingConfig(cardinalities=MANY_TABLES, dim=4, kind="int8", cache=CacheConfig(0.3, "lru", 2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # 20 tables: walked by table
+        emb = build_embedding(cfg)
+        offsets = torch.arange(len(MANY_TABLES) + 1)
+        good = torch.tensor([n - 1 for n in MANY_TABLES])
+        emb(good, offsets).sum().backward()
+        before = {k: v.clone() for k, v in emb.state_dict().items()}
+        for table, bad in ((7, 2), (0, -1), (19, 300)):
+            ids = good.clone()
+            ids[table] = bad
+            with pytest.raises(ValueError, match=f"out of range for table {table}"):
+                emb(ids, offsets)
+            with pytest.raises(RuntimeError, match=f"id {bad} out of range for table {table} "):
+                emb.cache.prepare(ids, offsets, emb.weights)
+        for k, v in emb.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_corrupt_state_is_refused():
