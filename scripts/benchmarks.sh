@@ -17,6 +17,9 @@ run() {  # run NAME ARGS...: python -m mpc bench ARGS --record-name NAME
 run prepare          prepare
 run synth            synth
 run train            train --configs fp32 int8 int8+5%lru int4+1%lru
+# the whole-step goal (int8 + 5% LRU >= 0.95x mpc fp32, batch 2048) on its own: only
+# the two contenders (and the baselines), twice the rounds, for a tighter paired ratio
+run train_goal       train --configs fp32 int8+5%lru --batch-sizes 2048 --repeats 41
 run lookup           lookup
 run lookup_threads1  lookup --threads 1
 run cache            cache
