@@ -336,7 +336,11 @@ struct ThreadTotals {
   std::vector<int64_t> event_evicted;     // per event: the row written back, or -1
   std::vector<int64_t> uncached_rows, distinct;  // scratch: a run's uncached rows, their open-addressing set
   std::vector<Access> located;                   // scratch: a group's accesses (walks by group)
+  std::vector<int8_t> way_of;                    // scratch of Frozen: row -> way in a frozen set, or -1
+  std::vector<uint8_t> frozen;                   // scratch of Frozen: per set, 1 once frozen
+  std::vector<int32_t> frozen_sets, frozen_rejected;
 };
+
 
 struct Walk {
   const Located& loc;
@@ -384,8 +388,55 @@ struct Run {
   const Access* seq;     // the access at place k is seq[k - base]
   const int32_t* order;  // the position of place k, or nullptr: k itself
   int64_t base, lo, hi;
+  int64_t group = -1;    // the one group of every access (a walk by group), or -1
   const Access& at(int64_t k) const { return seq[k - base]; }
   int64_t pos(int64_t k) const { return order ? order[k] : k; }
+};
+
+// LRU sets that cannot change again in this call. A set that rejects a miss had its
+// least recent way accessed in this call, so all its ways were: it rejects every later
+// miss, keeps its rows, and its later accesses only set the time of a hit way. In a walk
+// by group of few rows, those accesses take a row -> way table instead of the set's
+// header, and each frozen set's recency list is rebuilt at the end of the walk as its
+// ways by time, newest first (what the moves to front give: each access's time is the
+// group's newest). No way of a frozen set is touched first in this call.
+constexpr int64_t kFreezeRows = 16384;  // the table: one byte per row of the group
+
+struct Frozen {
+  int8_t* way_of = nullptr;  // nullptr: not in use for this run
+  uint8_t* frozen = nullptr;
+  int32_t* rejected = nullptr;  // places of the misses in frozen sets (room for the whole run)
+  int64_t nrejected = 0, sink = 0;
+
+  Frozen(const Walk& w, const Run& run, int32_t policy, ThreadTotals& acc) {
+    if (policy != kLRU || run.group < 0 || !w.a.header) return;
+    const int64_t* g = w.geo + run.group * kGeomFields;
+    if (g[kHeaderOffset] < 0 || g[kRows] > kFreezeRows) return;
+    acc.way_of.assign(g[kRows], -1);
+    acc.frozen.assign(g[kNSets], 0);
+    acc.frozen_sets.clear();
+    acc.frozen_rejected.resize(run.hi - run.lo);
+    way_of = acc.way_of.data();
+    frozen = acc.frozen.data();
+    rejected = acc.frozen_rejected.data();
+  }
+  bool has(int32_t set) const { return way_of && frozen[set]; }
+  // After a rejection in set `set` (its ways all filled).
+  void freeze(const CacheArrays& a, const int64_t* g, int32_t set, ThreadTotals& acc) {
+    frozen[set] = 1;
+    acc.frozen_sets.push_back(set);
+    const int64_t* tags = a.tags + g[kSlotOffset] + set * g[kWays];
+    for (int64_t x = 0; x < g[kWays]; ++x) way_of[tags[x] - g[kFirstRow]] = (int8_t)x;
+  }
+  void rebuild_recency(const CacheArrays& a, const int64_t* g, const ThreadTotals& acc) const {
+    for (int32_t set : acc.frozen_sets) {
+      const SetRef s = set_ref(a, g, set);
+      uint8_t ways[kScanWays];
+      std::iota(ways, ways + s.ways, (uint8_t)0);
+      std::sort(ways, ways + s.ways, [&](uint8_t x, uint8_t y) { return s.times[x] > s.times[y]; });
+      std::copy(ways, ways + s.ways, s.mru);
+    }
+  }
 };
 
 // One run: every access, in batch order; then the rows of its events, in event order (a
@@ -397,25 +448,43 @@ void walk(const Walk& w, const Run& run, Outcomes& out, ThreadTotals& acc) {
   acc.events.clear();
   acc.event_evicted.clear();
   acc.rejected.clear();
+  Frozen fz(w, run, Policy, acc);
+  const bool any_far = run.group < 0 || w.far[run.group];  // a walk by group: near throughout, or far
   for (int64_t k = lo; k < hi; ++k) {
-    if (k + kPrefetchHeader < hi && w.far[run.at(k + kPrefetchHeader).group]) {
-      const Access& aj = run.at(k + kPrefetchHeader);
-      const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
-      if (sj.fp) prefetch_set(sj, nullptr, aj.row);
-    }
-    if (k + kPrefetchAhead < hi && w.far[run.at(k + kPrefetchAhead).group]) {
-      const Access& aj = run.at(k + kPrefetchAhead);
-      const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
-      if (sj.fp) prefetch_way(sj, aj.row);
-      else prefetch_set(sj, Policy == kLFU ? w.a.row_counts : nullptr, aj.row);
+    if (any_far) {
+      if (k + kPrefetchHeader < hi && w.far[run.at(k + kPrefetchHeader).group]) {
+        const Access& aj = run.at(k + kPrefetchHeader);
+        const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
+        if (sj.fp) prefetch_set(sj, nullptr, aj.row);
+      }
+      if (k + kPrefetchAhead < hi && w.far[run.at(k + kPrefetchAhead).group]) {
+        const Access& aj = run.at(k + kPrefetchAhead);
+        const SetRef sj = set_ref(w.a, w.geo + aj.group * kGeomFields, aj.set);
+        if (sj.fp) prefetch_way(sj, aj.row);
+        else prefetch_set(sj, Policy == kLFU ? w.a.row_counts : nullptr, aj.row);
+      }
     }
     const Access& ak = run.at(k);
     const int64_t i = run.pos(k);
     const int32_t gi = ak.group;
     const int64_t* g = w.geo + gi * kGeomFields;
     const int64_t row = ak.row, start = w.clk[gi], now = start + (i - w.bnd[gi]) + 1;
-    AccessResult res = access<Policy>(set_ref(w.a, g, ak.set), w.a.row_counts, row, now, start);
     int64_t* ct = acc.counters.data() + ak.table * kCounterFields;
+    if (fz.has(ak.set)) {  // without branches: hits and misses of tiny tables alternate at random
+      const int32_t way = fz.way_of[row - g[kFirstRow]];
+      const bool hit = way >= 0;
+      const int64_t slot = g[kSlotOffset] + ak.set * g[kWays] + way;
+      ct[kLookups] += 1;
+      ct[kHits] += hit;
+      ct[kMisses] += !hit;
+      *(hit ? w.a.times + slot : &fz.sink) = now;
+      out.slot[k] = hit ? (int32_t)slot : -1;
+      fz.rejected[fz.nrejected] = (int32_t)k;
+      fz.nrejected += !hit;
+      continue;
+    }
+    AccessResult res = access<Policy>(set_ref(w.a, g, ak.set), w.a.row_counts, row, now, start);
+    if (fz.way_of && res.way < 0) fz.freeze(w.a, g, ak.set, acc);
     ct[kLookups] += 1;
     ct[res.hit ? kHits : kMisses] += 1;
     ct[kFills] += res.filled;
@@ -434,6 +503,10 @@ void walk(const Walk& w, const Run& run, Outcomes& out, ThreadTotals& acc) {
       const int64_t vt = w.G == w.T ? ak.table : table_of(w.toff, w.T, res.evicted);
       acc.counters[vt * kCounterFields + kEvictions] += 1;
     }
+  }
+  if (fz.way_of) {
+    fz.rebuild_recency(w.a, w.geo + run.group * kGeomFields, acc);
+    acc.rejected.insert(acc.rejected.end(), fz.rejected, fz.rejected + fz.nrejected);
   }
   const RowData& rd = w.rd;
   if (rd.storage) {
@@ -573,7 +646,7 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
           const int64_t row = w.toff[g] + ids[i];
           acc.located[i - lo] = Access{row, (int32_t)(mix32((uint32_t)row) % nsets), (uint16_t)g, (uint16_t)g};
         }
-        const Run run{acc.located.data(), nullptr, lo, lo, hi};
+        const Run run{acc.located.data(), nullptr, lo, lo, hi, g};
         if (policy == kLRU) walk<kLRU>(w, run, out, acc);
         else walk<kLFU>(w, run, out, acc);
       }

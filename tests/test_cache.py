@@ -62,8 +62,13 @@ def run_against_emulator(cfg: EmbeddingConfig, steps: int, seed: int, max_batch:
     for _ in range(steps):
         B = rnd.randint(1, max_batch)
         ind, off = jagged(cfg.cardinalities, B, rnd)
+        traffic = fast.cache.traffic.clone()
         fast.prepare(ind, off)
-        assert fast.slots_for(ind, off).tolist() == ref.prepare(ind, off)
+        slots = ref.prepare(ind, off)
+        assert fast.slots_for(ind, off).tolist() == slots
+        rows = global_rows(ind, off, fast.cache.table_starts).tolist()
+        uncached = len({r for r, slot in zip(rows, slots) if slot < 0})  # distinct rows left uncached
+        assert (fast.cache.traffic - traffic).tolist() == [1, uncached, ref.last_prepare.touched]
         torch.testing.assert_close(fast.lookup(ind, off), ref.lookup(ind, off), rtol=1e-6, atol=1e-7)
         grad = torch.randn(B, cfg.num_tables, cfg.dim, generator=torch.Generator().manual_seed(rnd.randrange(1 << 30)))
         fast.backward_update(ind, off, grad)
