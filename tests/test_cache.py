@@ -133,14 +133,22 @@ def test_matches_emulator_on_random_configs(seed):
 MANY_TABLES = (3, 1, 40, 7, 90, 250, 12, 2, 60, 33, 5, 18, 120, 9, 1000, 4, 27, 70, 15, 300)
 
 
-@pytest.mark.parametrize("policy,ways", [("lru", 4), ("lru", 32), ("lfu", 2), ("lru", 0), ("lfu", 0)])
-def test_many_tables_walked_by_table_match_the_emulator(policy, ways):
+# The same with three tables whose cache state (> 32 KB: kNearBytes) counts as far, so
+# that their walks ask for lines ahead.
+MANY_TABLES_SOME_FAR = MANY_TABLES[:-3] + (9000, 12000, 10000)
+
+
+@pytest.mark.parametrize("policy,ways,cards,fraction", [
+    ("lru", 4, MANY_TABLES, 0.2), ("lru", 32, MANY_TABLES, 0.2), ("lfu", 2, MANY_TABLES, 0.2),
+    ("lru", 0, MANY_TABLES, 0.2), ("lfu", 0, MANY_TABLES, 0.2),
+    ("lru", 32, MANY_TABLES_SOME_FAR, 0.5), ("lfu", 8, MANY_TABLES_SOME_FAR, 0.5)])
+def test_many_tables_walked_by_table_match_the_emulator(policy, ways, cards, fraction):
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            cfg = EmbeddingConfig(cardinalities=MANY_TABLES, dim=8, kind="int8", seed=7,
-                                  cache=CacheConfig(0.2, policy, ways))
+            cfg = EmbeddingConfig(cardinalities=cards, dim=8, kind="int8", seed=7,
+                                  cache=CacheConfig(fraction, policy, ways))
             run_against_emulator(cfg, steps=6, seed=n, max_batch=12)
     finally:
         torch.set_num_threads(threads)
