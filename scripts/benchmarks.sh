@@ -20,6 +20,8 @@ run train            train --configs fp32 int8 int8+5%lru int4+1%lru
 # the whole-step goal (int8 + 5% LRU >= 0.95x mpc fp32, batch 2048) on its own: only
 # the two contenders (and the baselines), twice the rounds, for a tighter paired ratio
 run train_goal       train --configs fp32 int8+5%lru --batch-sizes 2048 --repeats 41
+# (train_goal_repeat.json is a second run of train_goal's command, --record-name
+# train_goal_repeat; train_repeat.json one of train's with --repeats 61 21.)
 run lookup           lookup
 run lookup_threads1  lookup --threads 1
 run cache            cache
