@@ -51,7 +51,7 @@ __global__ void locate_kernel(LocateArgs p) {
   }
   p.row[i] = row;
   p.group[i] = (int32_t)g;
-  p.set_key[i] = r[kSetOffset] + (int64_t)(mix32((uint32_t)row) % (uint64_t)r[kNSets]);
+  p.set_key[i] = r[kSetOffset] + (int64_t)set_of(row, r[kNSets]);
 }
 
 // The rows to move at each event (storage == nullptr: decisions only).

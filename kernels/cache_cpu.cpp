@@ -159,7 +159,8 @@ struct Located {
 
 // indices: table-local ids, table t's at positions [table_bounds[t], table_bounds[t+1]);
 // bounds: each group's positions (groups are runs of whole tables). Raises on an id
-// outside its table.
+// outside its table. kAt builds `at`, kByShard the shard order (seq, order), kCheckOnly
+// nothing: it only checks the ids (a walk by group locates its own).
 enum class Locate { kAt, kByShard, kCheckOnly };
 
 Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
@@ -215,8 +216,8 @@ Located locate(const torch::Tensor& indices, const torch::Tensor& table_bounds,
           else if (at) loc.at[i] = Access{0, 0, 0, 0};
           continue;
         }
-        if (!by_shard && !at) continue;  // checked only: each group's walk locates its own ids
-        const int32_t set = (int32_t)(mix32((uint32_t)row) % (uint32_t)r[kNSets]);
+        if (mode == Locate::kCheckOnly) continue;  // checked only: each group's walk locates its own ids
+        const int32_t set = (int32_t)set_of(row, r[kNSets]);
         if (by_shard) {
           shard[i] = (uint8_t)shard_of(r[kSetOffset] + set);
           sets[i] = set;
@@ -332,7 +333,7 @@ struct Outcomes {
 struct ThreadTotals {
   std::vector<int64_t> counters;
   int64_t touched = 0, uncached = 0;
-  std::vector<int32_t> events, rejected;  // scratch (places k), reused shard after shard
+  std::vector<int32_t> events, rejected;  // scratch (places k), reused run after run
   std::vector<int64_t> event_evicted;     // per event: the row written back, or -1
   std::vector<int64_t> uncached_rows, distinct;  // scratch: a run's uncached rows, their open-addressing set
   std::vector<Access> located;                   // scratch: a group's accesses (walks by group)
@@ -340,7 +341,6 @@ struct ThreadTotals {
   std::vector<uint8_t> frozen;                   // scratch of Frozen: per set, 1 once frozen
   std::vector<int32_t> frozen_sets, frozen_rejected;
 };
-
 
 struct Walk {
   const Located& loc;
@@ -558,7 +558,8 @@ void walk(const Walk& w, const Run& run, Outcomes& out, ThreadTotals& acc) {
 // and then large ones first, so that no long walk is left for the end; empty: shards.
 constexpr int64_t kGroupsPerThread = 8;
 std::vector<int64_t> walk_order(const torch::Tensor& table_bounds, const torch::Tensor& bounds,
-                                const torch::Tensor& geometry, const torch::Tensor& table_offsets, int64_t n, int nt) {
+                                const torch::Tensor& geometry, const torch::Tensor& table_offsets, int64_t n, int nt,
+                                const std::vector<uint8_t>& far) {
   const int64_t G = geometry.size(0), T = table_offsets.numel() - 1;
   if (G != T || G < kGroupsPerThread * nt) return {};
   const std::vector<int64_t> tb = read_bounds(table_bounds, T, n, "table_bounds"), b = read_bounds(bounds, G, n, "bounds");
@@ -567,7 +568,6 @@ std::vector<int64_t> walk_order(const torch::Tensor& table_bounds, const torch::
     const int64_t* r = geo + g * kGeomFields;
     if (b[g] != tb[g] || r[kFirstRow] != toff[g] || r[kRows] != toff[g + 1] - toff[g]) return {};
   }
-  const std::vector<uint8_t> far = far_groups(geo, G);
   std::vector<int64_t> order(G);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
@@ -608,14 +608,14 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
   TORCH_CHECK(clocks.numel() == G && counters.numel() == T * kCounterFields,
               "clocks/counters have the wrong sizes");
   const int nt = omp_get_max_threads();
-  const std::vector<int64_t> group_order = walk_order(table_bounds, bounds, geometry, table_offsets, n, nt);
+  const std::vector<uint8_t> far = far_groups(geometry.data_ptr<int64_t>(), G);
+  const std::vector<int64_t> group_order = walk_order(table_bounds, bounds, geometry, table_offsets, n, nt, far);
   const bool by_group = !group_order.empty();
   Located loc = locate(indices, table_bounds, table_offsets, bounds, geometry,
                        by_group ? Locate::kCheckOnly : Locate::kByShard);
   RowData rd = row_data(rowdata, precision, stochastic, step_key, purpose, state[0].numel(),
                         table_offsets.data_ptr<int64_t>()[T]);
   int64_t* clk = clocks.data_ptr<int64_t>();
-  const std::vector<uint8_t> far = far_groups(geometry.data_ptr<int64_t>(), G);
   Walk w{loc, a, rd, geometry.data_ptr<int64_t>(), loc.bounds.data(), table_offsets.data_ptr<int64_t>(),
          clk, n, G, T, far.data()};
   Outcomes out;
@@ -643,11 +643,11 @@ std::vector<torch::Tensor> cache_prepare(torch::Tensor indices, torch::Tensor ta
       for (int64_t k = 0; k < G; ++k) {
         const int64_t g = group_order[k], lo = w.bnd[g], hi = w.bnd[g + 1];
         if (lo == hi) continue;
-        const uint32_t nsets = (uint32_t)w.geo[g * kGeomFields + kNSets];
+        const int64_t nsets = w.geo[g * kGeomFields + kNSets];
         acc.located.resize(hi - lo);
         for (int64_t i = lo; i < hi; ++i) {
           const int64_t row = w.toff[g] + ids[i];
-          acc.located[i - lo] = Access{row, (int32_t)(mix32((uint32_t)row) % nsets), (uint16_t)g, (uint16_t)g};
+          acc.located[i - lo] = Access{row, (int32_t)set_of(row, nsets), (uint16_t)g, (uint16_t)g};
         }
         const Run run{acc.located.data(), nullptr, lo, lo, hi, g};
         if (policy == kLRU) walk<kLRU>(w, run, out, acc);

@@ -67,6 +67,9 @@ MPC_CACHE_HD uint32_t mix32(uint32_t x) {
   return x;
 }
 
+// Set (local to its group) of global row `row` in a group of `nsets` sets.
+MPC_CACHE_HD uint32_t set_of(int64_t row, int64_t nsets) { return mix32((uint32_t)row) % (uint32_t)nsets; }
+
 // splitmix64's finalizer: the home bucket in a set's index (independent of the set hash).
 MPC_CACHE_HD uint64_t mix64(uint64_t x) {
   x ^= x >> 30;
